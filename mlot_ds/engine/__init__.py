@@ -1,0 +1,1 @@
+"""The DeepSpeed training engine: config filling, the loop, checkpoints, export, metrics."""

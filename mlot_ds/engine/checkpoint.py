@@ -1,0 +1,173 @@
+"""Checkpoints of the student engine (teachers excluded), atomic ``latest`` pointer, and HF export.
+
+Layout of ``<output_dir>/checkpoints``::
+
+    step_00000010/            DeepSpeed's ZeRO-3 shards (student only) + our files:
+        trainer_state.json    global step, weighting state, skip counters
+        rng_rank<r>.pt        every rank's RNG states
+        recipe.yaml           the resolved recipe
+        teachers.json         the teacher manifest (names, paths, tokenizer hashes, weights, losses)
+        COMPLETE              written last: a folder without it is ignored
+    latest                    the name of the newest COMPLETE folder, replaced atomically
+
+A save never touches an older checkpoint until the new one is complete, so a crash mid-save leaves
+the previous ``latest`` loadable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlot_ds import dist
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used. The message names its folder."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def folder_hash(folder: str | Path, patterns: tuple[str, ...] = ("tokenizer*", "*.model", "vocab*", "merges*",
+                                                                 "special_tokens_map.json", "added_tokens.json")) -> str:
+    """A short content hash of a tokenizer (or any) folder's matching files."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    files = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, root: Path, step: int, trainer_state: dict, recipe_yaml: str, manifest: dict,
+         keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    tag = tag_for(step)
+    folder = root / tag
+    if dist.is_rank0() and folder.exists():
+        shutil.rmtree(folder)  # an incomplete leftover of a crashed save of the same step
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True, save_latest=False)
+    torch.save(rng_state(), folder / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_rank0():
+        (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (folder / "recipe.yaml").write_text(recipe_yaml)
+        (folder / "teachers.json").write_text(json.dumps(manifest, indent=2))
+        (folder / COMPLETE).write_text("ok\n")
+        _replace_text(root / LATEST, tag + "\n")
+        _prune(root, keep_last)
+    dist.barrier()
+    return folder
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (by the ``latest`` pointer, else by scanning)."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        folder = root / pointer.read_text().strip()
+        if (folder / COMPLETE).is_file():
+            return folder
+    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    return complete[-1] if complete else None
+
+
+def check_manifest(saved: dict, current: dict, folder: Path, allow_change: bool) -> None:
+    """Refuse to resume with a different teacher set unless the recipe allows it."""
+    if allow_change:
+        return
+    saved_teachers = {t["name"]: t for t in saved.get("teachers", [])}
+    current_teachers = {t["name"]: t for t in current.get("teachers", [])}
+    if saved_teachers.keys() != current_teachers.keys():
+        raise CheckpointError(
+            f"{folder}: saved with teachers {sorted(saved_teachers)} but this run has {sorted(current_teachers)}; "
+            f"set train.allow_teacher_change=true to resume anyway"
+        )
+    for name, before in saved_teachers.items():
+        now = current_teachers[name]
+        for key in ("model", "tokenizer_hash", "loss", "pairing"):
+            if before.get(key) != now.get(key):
+                raise CheckpointError(
+                    f"{folder}: teacher {name!r} changed its {key} ({before.get(key)!r} -> {now.get(key)!r}); "
+                    f"set train.allow_teacher_change=true to resume anyway"
+                )
+
+
+def load(engine, folder: Path) -> dict:
+    """Collective: load the student engine and this rank's RNG; return the trainer state."""
+    if not (folder / COMPLETE).is_file():
+        raise CheckpointError(f"{folder}: not a complete checkpoint (no {COMPLETE} marker)")
+    try:
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                              load_module_strict=False, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    except Exception as exc:  # DeepSpeed raises many kinds; the user needs the path and the cause
+        raise CheckpointError(f"{folder}: failed to load ({type(exc).__name__}: {exc})") from exc
+    if load_path is None:
+        raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint files there")
+    rng_file = folder / f"rng_rank{dist.rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def export_hf(engine, tokenizer, out_dir: Path) -> Path:
+    """Collective: gather the ZeRO-3 shards and write a Hugging Face folder (safetensors) on rank 0."""
+    import deepspeed
+
+    module = engine.module
+    state = {}
+    for name, parameter in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+            if dist.is_rank0():
+                state[name] = parameter.detach().to("cpu").clone()
+    for name, buffer in module.named_buffers():
+        if dist.is_rank0():
+            state[name] = buffer.detach().to("cpu").clone()
+    if dist.is_rank0():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    dist.barrier()
+    return out_dir

@@ -1,0 +1,118 @@
+"""Command line of ``launch/train.py`` (also installed as ``mlot-train``).
+
+    deepspeed launch/train.py --config ds_configs/zero3.json [--recipe R.yaml] [key.path=value ...]
+
+Without ``--recipe`` the embedded default runs: build (or reuse) the tiny zoo, distil three
+teachers with different tokenizers into the student, evaluate, save and export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from mlot_ds import dist
+
+DESCRIPTION = """\
+Multi-teacher cross-tokenizer distillation (MultiLevelOT) on DeepSpeed ZeRO-3.
+
+Overrides use dotted paths into the recipe, e.g.:
+  train.max_steps=20  train.output_dir=runs/x  teachers.llama.weight=2  teachers.0.loss.preset=paper
+  weighting.mode=dynamic  data.train.path=/data/dialogsum.train.jsonl.gz  student.model=/ckpt/pythia-410m
+
+Exit status: 0 done, 2 bad input (nothing was trained), 75 stopped by SIGUSR1/SIGTERM after a
+checkpoint (SLURM: requeue), 1 any other failure.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="launch/train.py", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="DeepSpeed JSON (e.g. ds_configs/zero3.json); its batch, "
+                        "clipping, optimizer and schedule keys are filled from the recipe")
+    parser.add_argument("--recipe", default=None, help="YAML recipe (default: the embedded demo, "
+                        "mlot_ds/recipes/demo.yaml)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the recipe, the DeepSpeed config, "
+                        "every path and every tokenizer, then exit without training")
+    parser.add_argument("--resume", default=None, help="auto | none | CHECKPOINT_DIR (overrides train.resume)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from mlot_ds.config import RecipeError, load_recipe
+    from mlot_ds.engine.ds_config import DeepSpeedConfigError, read_ds_config, student_ds_config
+    from mlot_ds.engine.setup import prepare_inputs
+    from mlot_ds.teachers.loading import ModelLoadError
+
+    dist.map_slurm_environment()
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    bad_input = (RecipeError, DeepSpeedConfigError, ModelLoadError, FileNotFoundError)
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+        ds_template = read_ds_config(args.config)
+        _check_losses(recipe)
+        if args.dry_run:
+            import torch
+
+            inputs = prepare_inputs(recipe, check_only=True)
+            student_ds_config(ds_template, recipe, int(os.environ.get("WORLD_SIZE", "1")), 1, torch.device("cpu"),
+                              source=args.config)
+            print(f"dry run OK: recipe {args.recipe or 'embedded demo'}, DeepSpeed config {args.config}, "
+                  f"student {inputs.student.model}, teachers {', '.join(t.name for t in recipe.teachers)}")
+            return 0
+    except bad_input as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    dist.init(recipe.train.dist_timeout_s)
+    from mlot_ds.engine.trainer import Trainer
+
+    started = time.time()
+    try:
+        inputs = prepare_inputs(recipe)
+        trainer = Trainer(recipe, ds_template, args.config, inputs)
+        trainer.setup()
+    except bad_input as exc:
+        dist.fail(str(exc))
+    trainer.train()
+    trainer.save()
+    results = inputs.evaluate(trainer) if inputs.eval_records else {}
+    if results:
+        trainer.log.scalars(trainer.global_step, results)
+    export_dir = trainer.export() if recipe.export.enabled else None
+    trainer.cleanup()
+    out = Path(recipe.train.output_dir).resolve()
+    dist.print0(_summary(out, export_dir, results, time.time() - started))
+    dist.barrier()
+    dist.destroy()
+    return 0
+
+
+def _check_losses(recipe) -> None:
+    """Unknown loss presets or hyper-parameter names fail here, before any model is loaded."""
+    from mlot_ds.config import RecipeError
+    from mlot_ds.engine.teacher_loss import TeacherLoss
+
+    for i, teacher in enumerate(recipe.teachers):
+        try:
+            TeacherLoss(teacher.loss)
+        except (ValueError, KeyError) as exc:
+            raise RecipeError(f"teachers[{i}].loss: {exc}") from None
+
+
+def _summary(out: Path, export_dir, results: dict, seconds: float) -> str:
+    lines = [f"done in {seconds / 60:.1f} min",
+             f"  TensorBoard logs : {out / 'tensorboard'}   (view: tensorboard --logdir {out / 'tensorboard'} --host 127.0.0.1)",
+             f"  metrics (JSONL)  : {out / 'tensorboard' / 'metrics.jsonl'}",
+             f"  checkpoints      : {out / 'checkpoints'}"]
+    if export_dir is not None:
+        lines.append(f"  exported student : {Path(export_dir).resolve()}   (AutoModelForCausalLM.from_pretrained)")
+    for key, value in sorted(results.items()):
+        lines.append(f"  {key:<17}: {value:.4f}")
+    return "\n".join(lines)

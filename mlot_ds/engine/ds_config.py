@@ -1,0 +1,111 @@
+"""The DeepSpeed JSON is a template: batch, clipping, optimizer and schedule keys come from the recipe.
+
+A key may be absent, ``"auto"``, or a number equal to the recipe's value. A different number is an
+error that names both places, so there is exactly one source of truth for every value.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlot_ds.config import Recipe
+
+
+class DeepSpeedConfigError(ValueError):
+    """The DeepSpeed JSON is unreadable or disagrees with the recipe."""
+
+
+def read_ds_config(path: str | Path) -> dict:
+    source = Path(path)
+    if not source.is_file():
+        raise DeepSpeedConfigError(f"DeepSpeed config not found: {source}")
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DeepSpeedConfigError(f"{source}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(f"{source}: expected a JSON object at the top level")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        raise DeepSpeedConfigError(
+            f"{source}: zero_optimization.stage must be 3 (student and teachers are sharded); got {stage}"
+        )
+    for key in ("fp16",):
+        if config.get(key, {}).get("enabled") is True:
+            raise DeepSpeedConfigError(f"{source}: {key}.enabled is not supported; use bf16 (or fp32)")
+    return config
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type not in ("cpu",)
+
+
+def _fill(config: dict, dotted: str, value: Any, recipe_field: str, source: str) -> None:
+    node = config
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    current = node.get(keys[-1], "auto")
+    if current != "auto" and current != value:
+        raise DeepSpeedConfigError(
+            f"{source}: {dotted} = {current!r} conflicts with the recipe's {recipe_field} = {value!r}; "
+            f"set it in one place (use \"auto\" in the JSON to take the recipe's value)"
+        )
+    node[keys[-1]] = value
+
+
+def student_ds_config(template: dict, recipe: Recipe, world_size: int, total_steps: int,
+                      device: torch.device, source: str = "ds_config") -> dict:
+    """The student engine's config: the template with every recipe-owned key filled in."""
+    config = copy.deepcopy(template)
+    train = recipe.train
+    _fill(config, "train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size", source)
+    _fill(config, "gradient_accumulation_steps", train.grad_accum, "train.grad_accum", source)
+    _fill(config, "train_batch_size", train.micro_batch_size * train.grad_accum * world_size,
+          "train.micro_batch_size * train.grad_accum * world size", source)
+    _fill(config, "gradient_clipping", train.grad_clip, "train.grad_clip", source)
+    if "optimizer" in config:
+        _fill(config, "optimizer.params.lr", train.lr, "train.lr", source)
+        _fill(config, "optimizer.params.weight_decay", train.weight_decay, "train.weight_decay", source)
+    scheduler = config.get("scheduler")
+    if scheduler is not None:
+        kind = scheduler.get("type")
+        if kind == "WarmupDecayLR":
+            _fill(config, "scheduler.params.total_num_steps", max(total_steps, 1), "the run's total steps", source)
+        if kind in ("WarmupDecayLR", "WarmupLR", "WarmupCosineLR"):
+            _fill(config, "scheduler.params.warmup_num_steps", train.warmup_steps, "train.warmup_steps", source)
+        if kind in ("WarmupDecayLR", "WarmupLR"):
+            _fill(config, "scheduler.params.warmup_max_lr", train.lr, "train.lr", source)
+    bf16 = config.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = bf16_supported(device)
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def teacher_ds_config(student_config: dict, placement: str, micro_batch_size: int) -> dict:
+    """A frozen teacher's config: ZeRO-3 inference, no optimizer, optional parameter offload."""
+    zero = copy.deepcopy(student_config.get("zero_optimization", {}))
+    for key in ("offload_optimizer",):
+        zero.pop(key, None)
+    if placement == "offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    else:
+        zero.pop("offload_param", None)
+    zero["stage"] = 3
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": copy.deepcopy(student_config.get("bf16", {"enabled": False})),
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

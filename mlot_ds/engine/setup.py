@@ -1,0 +1,130 @@
+"""Everything a run needs before any model is loaded: paths, tokenizers, records, batches, manifest.
+
+:func:`prepare_inputs` is also the whole of ``--dry-run`` (with ``check_only=True``): it resolves and
+validates every path and tokenizer, so a bad recipe fails here, in seconds, with one clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlot_ds import dist
+from mlot_ds.config import Recipe, RecipeError
+from mlot_ds.engine import resolve
+from mlot_ds.engine.checkpoint import folder_hash
+from mlot_ds.teachers.loading import check_model_folder, embedding_rows
+
+
+@dataclass
+class RunInputs:
+    student: resolve.ResolvedModel
+    teachers: list[resolve.ResolvedModel]
+    student_tokenizer: object
+    teacher_tokenizers: dict
+    data: object = None  # DistillationData
+    eval_records: list = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+
+    def evaluate(self, trainer) -> dict[str, float]:
+        from mlot_ds.engine.evaluation import evaluate_student
+
+        return evaluate_student(trainer, self)
+
+
+def _model_side(name, tokenizer, template_cfg, *, pairing, append_eos, distill_final_eos, vocab_rows):
+    from mlot_ds.data import ModelSide, Template
+
+    template = Template(kind=template_cfg.kind, system=template_cfg.system, few_shot=template_cfg.few_shot)
+    return ModelSide(name=name, tokenizer=tokenizer, template=template, pairing=pairing, append_eos=append_eos,
+                     distill_final_eos=distill_final_eos, model_vocab_size=vocab_rows)
+
+
+def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool = True) -> RunInputs:
+    """Resolve the recipe into local inputs. Collective when not ``check_only`` (the zoo and the
+    tokenization cache are built on rank 0 first, then the other ranks reuse them)."""
+    from mlot_ds.data import DistillationData, load_records, load_tokenizer
+
+    if check_only:
+        student, teachers = _resolve_without_building(recipe)
+    else:
+        dist.rank0_then_barrier(lambda: resolve.build_zoo_if_needed(recipe, progress=progress))
+        student, teachers = resolve.resolve_models(recipe)
+
+    def tokenizer_for(resolved: resolve.ResolvedModel, trust: bool):
+        check_model_folder(resolved.model, f"{resolved.where}.model")
+        try:
+            return load_tokenizer(resolved.tokenizer, trust_remote_code=trust)
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"{resolved.where}.tokenizer: cannot load a tokenizer from {resolved.tokenizer}: {exc}") from None
+
+    if check_only and resolve.uses_zoo(recipe) and not student.model.exists():
+        # The zoo is built on the first real run; a dry run only checks its names.
+        return RunInputs(student, teachers, None, {})
+
+    student_tokenizer = tokenizer_for(student, recipe.student.trust_remote_code)
+    teacher_tokenizers = {t.name: tokenizer_for(r, t.trust_remote_code) for t, r in zip(recipe.teachers, teachers)}
+    student_side = _model_side("student", student_tokenizer, recipe.student.template, pairing=None,
+                               append_eos=recipe.student.append_eos,
+                               distill_final_eos=recipe.student.distill_final_eos,
+                               vocab_rows=embedding_rows(student.model))
+    teacher_sides = [
+        _model_side(t.name, teacher_tokenizers[t.name], t.template, pairing=t.pairing, append_eos=t.append_eos,
+                    distill_final_eos=True, vocab_rows=embedding_rows(r.model))
+        for t, r in zip(recipe.teachers, teachers)
+    ]
+    for side, where in [(student_side, "student")] + [(s, f"teachers[{i}]") for i, s in enumerate(teacher_sides)]:
+        if side.template.kind == "chat" and not getattr(side.tokenizer, "chat_template", None):
+            raise RecipeError(f"{where}.template.kind: 'chat' but the tokenizer has no chat template")
+        if len(side.tokenizer) > side.model_vocab_size:
+            raise RecipeError(
+                f"{where}.tokenizer: {len(side.tokenizer)} tokens but the model has only "
+                f"{side.model_vocab_size} embedding rows; tokenizer and model do not match"
+            )
+
+    train_path = resolve.data_path(recipe.data.train, "data.train")
+    records = load_records(recipe.data.train.adapter, train_path, fields=recipe.data.train.fields,
+                           bad_rows=recipe.data.bad_rows, limit=recipe.data.train.limit)
+    if not records.records:
+        raise RecipeError(f"data.train: no usable records in {train_path} (dropped: {dict(records.dropped)})")
+    eval_records = []
+    if recipe.data.eval is not None:
+        eval_path = resolve.data_path(recipe.data.eval, "data.eval")
+        eval_records = load_records(recipe.data.eval.adapter, eval_path, fields=recipe.data.eval.fields,
+                                    bad_rows=recipe.data.bad_rows, limit=recipe.data.eval.limit).records
+
+    manifest = {"teachers": [
+        {"name": t.name, "model": str(r.model), "tokenizer_hash": folder_hash(r.tokenizer), "weight": t.weight,
+         "loss": {"kind": t.loss.kind, "preset": t.loss.preset, "overrides": dict(t.loss.overrides)},
+         "pairing": t.pairing, "placement": t.placement}
+        for t, r in zip(recipe.teachers, teachers)
+    ]}
+    inputs = RunInputs(student, teachers, student_tokenizer, teacher_tokenizers, None, eval_records, manifest)
+    if check_only:
+        return inputs
+
+    cache_dir = Path(recipe.data.cache_dir or Path(recipe.train.output_dir) / "cache")
+
+    def build_data(show: bool):
+        return DistillationData(records, student_side, teacher_sides, max_length=recipe.data.max_length,
+                                micro_batch_size=recipe.train.micro_batch_size, grad_accum=recipe.train.grad_accum,
+                                world_size=dist.world_size(), rank=dist.rank(), seed=recipe.train.seed,
+                                cache_dir=cache_dir, progress=show)
+
+    # Rank 0 tokenizes and fills the cache; the others then read it instead of racing to write it.
+    data = dist.rank0_then_barrier(lambda: build_data(progress))
+    inputs.data = data if data is not None else build_data(False)
+    dropped = dict(inputs.data.dropped)
+    dist.print0(f"data: {inputs.data.num_records} training records"
+                + (f", dropped {dropped}" if dropped else "") + f", {inputs.data.steps_per_epoch} steps per epoch")
+    return inputs
+
+
+def _resolve_without_building(recipe: Recipe):
+    student, teachers = resolve.resolve_models(recipe)
+    if not resolve.uses_zoo(recipe):
+        for resolved in [student, *teachers]:
+            check_model_folder(resolved.model, f"{resolved.where}.model")
+            if not Path(resolved.tokenizer).is_dir():
+                raise RecipeError(f"{resolved.where}.tokenizer: folder not found: {resolved.tokenizer}")
+    return student, teachers

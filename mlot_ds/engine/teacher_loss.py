@@ -1,0 +1,65 @@
+"""One teacher's distillation loss, split around the teacher forward so its logits can be freed.
+
+``reduce(...)`` runs right after the teacher's forward and keeps only what the loss needs (for
+MultiLevelOT the per-sequence top-k summary, for ULD and MinED the paired rows). ``terms(...)`` runs
+after the student's forward and returns the loss terms as sums plus their denominator key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlot_ds import losses
+from mlot_ds.config import LossConfig
+from mlot_ds.pairing import Pairing
+
+# Reference weights of the baselines: ULD's code uses CE + 1.5 * ULD; DSKD's MinED uses
+# 0.5 * CE + 0.5 * KL, i.e. KL weight 1 relative to CE.
+ULD_WEIGHT = 1.5
+MINED_WEIGHT = 1.0
+
+
+@dataclass
+class TeacherLoss:
+    config: LossConfig
+    student_to_teacher: torch.Tensor | None = None  # MinED vocabulary map
+
+    def __post_init__(self):
+        if self.config.kind == "mlot":
+            self.preset = losses.PRESETS[self.config.preset]
+            self.overrides = dict(self.config.overrides)
+            self.hparams = self.preset.with_overrides(**self.overrides)
+            self.term_weights = dict(self.hparams.weights)
+            self.denominator = "sequences" if self.hparams.normalize_by == "sequences" else "pairs"
+        elif self.config.kind == "uld":
+            self.term_weights = {"uld": ULD_WEIGHT}
+            self.denominator = "pairs"
+        else:
+            self.term_weights = {"mined": MINED_WEIGHT}
+            self.denominator = "pairs"
+
+    def reduce(self, teacher_logits: torch.Tensor, teacher_labels: torch.Tensor, pairing: Pairing):
+        """Keep what the loss needs from ``[B, Tt, m]`` logits; the caller then drops them."""
+        if self.config.kind == "mlot":
+            return losses.teacher_summary(teacher_logits, pairing, teacher_labels=teacher_labels,
+                                          preset=self.config.preset, **self.overrides)
+        # ULD and MinED read only the paired rows: gather them into a compact [B, P, m] tensor.
+        rows = pairing.teacher_index.unsqueeze(-1).expand(-1, -1, teacher_logits.shape[-1])
+        return torch.gather(teacher_logits, 1, rows)
+
+    def terms(self, student_logits: torch.Tensor, student_labels: torch.Tensor, reduced, pairing: Pairing) -> dict:
+        """Loss term sums over this micro-batch (tensors), keyed like ``term_weights``."""
+        if self.config.kind == "mlot":
+            out = losses.multilevel_ot_from_summary(student_logits, reduced, pairing,
+                                                    preset=self.config.preset, **self.overrides)
+            return {name: out[name] for name in self.term_weights}
+        compact = Pairing(pairing.student_index, _arange_like(pairing.teacher_index), pairing.mask)
+        if self.config.kind == "uld":
+            return {"uld": losses.uld_pairs(student_logits, reduced, compact)["uld"]}
+        return {"mined": losses.mined_kl(student_logits, reduced, compact, self.student_to_teacher)["mined"]}
+
+
+def _arange_like(index: torch.Tensor) -> torch.Tensor:
+    return torch.arange(index.shape[1], device=index.device).unsqueeze(0).expand_as(index)

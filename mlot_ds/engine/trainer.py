@@ -1,0 +1,249 @@
+"""The training loop: setup, train, save, cleanup. Explicit and linear.
+
+One optimizer step, on every rank::
+
+    for each of grad_accum micro-batches:
+        for each teacher, in the recipe's order:        # every rank, every step, never skipped
+            teacher forward -> keep what its loss needs -> free the logits
+        student forward -> CE + sum_j w_j * KD_j, every term divided by its GLOBAL denominator
+        backward
+    optimizer step
+
+Every term is a sum over this rank's micro-batch divided by the count over all ranks and
+accumulation steps (METHOD.md), then multiplied by ``world * grad_accum`` because DeepSpeed
+averages gradients over ranks and divides the loss by the accumulation steps. The optimised loss
+is therefore the same whatever the world size or accumulation split.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from mlot_ds import dist, losses
+from mlot_ds.config import Recipe
+from mlot_ds.engine import checkpoint
+from mlot_ds.engine.ds_config import student_ds_config
+from mlot_ds.engine.metrics_log import MetricLog
+from mlot_ds.engine.teacher_loss import TeacherLoss
+from mlot_ds.engine.weights import TeacherWeights
+from mlot_ds.teachers.loading import load_causal_lm, resolve_dtype
+from mlot_ds.teachers.pool import TeacherPool
+
+# Exit status after a checkpoint on SIGUSR1/SIGTERM; launch/slurm/train.sbatch turns it into a requeue.
+REQUEUE_EXIT_CODE = 75
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, ds_template: dict, ds_config_source: str, setup_state):
+        """``setup_state`` is a :class:`mlot_ds.engine.setup.RunInputs` (data, tokenizers, paths)."""
+        self.recipe = recipe
+        self.ds_template = ds_template
+        self.ds_config_source = ds_config_source
+        self.inputs = setup_state
+        self.output_dir = Path(recipe.train.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.stop_signal: int | None = None
+        self.global_step = 0
+        self.consecutive_skips = 0
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        import deepspeed
+
+        recipe, inputs = self.recipe, self.inputs
+        self.world = dist.world_size()
+        self.device = torch.device(deepspeed.get_accelerator().current_device_name())
+        self.data = inputs.data
+        self.total_steps = recipe.train.max_steps or recipe.train.epochs * self.data.steps_per_epoch
+        self.ds_config = student_ds_config(self.ds_template, recipe, self.world, self.total_steps, self.device,
+                                           source=self.ds_config_source)
+        bf16 = bool(self.ds_config["bf16"]["enabled"])
+
+        student_model = load_causal_lm(inputs.student.model, dtype=resolve_dtype(recipe.student.dtype, bf16),
+                                       trust_remote_code=recipe.student.trust_remote_code,
+                                       ds_config=self.ds_config, where="student.model")
+        if recipe.student.gradient_checkpointing:
+            student_model.gradient_checkpointing_enable()
+        self.student, *_ = deepspeed.initialize(model=student_model, config=self.ds_config,
+                                                model_parameters=[p for p in student_model.parameters()
+                                                                  if p.requires_grad])
+        self.teachers = TeacherPool.load(recipe.teachers, [str(t.model) for t in inputs.teachers],
+                                         self.ds_config, recipe.train.micro_batch_size, self.device)
+        self.teacher_losses = {
+            t.name: TeacherLoss(t.loss, self.data.vocab_maps.get(t.name) if t.loss.kind == "mined" else None)
+            for t in recipe.teachers
+        }
+        self.weights = TeacherWeights([t.name for t in recipe.teachers], [t.weight for t in recipe.teachers],
+                                      recipe.weighting.mode, recipe.weighting.normalize,
+                                      recipe.weighting.temperature)
+        self.recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+        self.manifest = inputs.manifest
+        self._resume()
+        self.log = MetricLog(self.output_dir / "tensorboard", self.total_steps, self.global_step, self.recipe_yaml,
+                             _flat_hparams(recipe))
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def _resume(self) -> None:
+        mode = self.recipe.train.resume
+        if mode == "none":
+            return
+        folder = checkpoint.find_latest(self.checkpoint_dir) if mode == "auto" else Path(mode)
+        if folder is None:
+            return
+        saved_manifest = json.loads((folder / "teachers.json").read_text())
+        checkpoint.check_manifest(saved_manifest, self.manifest, folder, self.recipe.train.allow_teacher_change)
+        state = checkpoint.load(self.student, folder)
+        self.global_step = int(state["global_step"])
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.weights.load_state_dict(state.get("weights", {}))
+        dist.print0(f"resumed from {folder} at step {self.global_step}")
+
+    # ------------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        save_every = self.recipe.train.save_every
+        eval_every = self.recipe.eval.every
+        while self.global_step < self.total_steps:
+            started = time.perf_counter()
+            metrics = self.train_step(self.global_step)
+            self.global_step += 1
+            metrics["train/tokens_per_s"] = metrics.pop("_tokens") / max(time.perf_counter() - started, 1e-9)
+            if self.global_step % self.recipe.train.log_every == 0 or self.global_step == self.total_steps:
+                self.log.scalars(self.global_step, metrics)
+            self.log.progress(self.global_step, metrics["train/loss"], metrics["train/tokens_per_s"])
+            if eval_every and self.global_step % eval_every == 0 and self.global_step < self.total_steps:
+                self.log.scalars(self.global_step, self.inputs.evaluate(self))
+            if dist.any_rank(self.stop_signal is not None):
+                self.save()
+                self.log.message(f"stopped by signal at step {self.global_step}; checkpoint saved, exiting "
+                                 f"with status {REQUEUE_EXIT_CODE} (requeue)")
+                self.log.close()
+                raise SystemExit(REQUEUE_EXIT_CODE)
+            if save_every and self.global_step % save_every == 0 and self.global_step < self.total_steps:
+                self.save()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        epoch, index = divmod(step, self.data.steps_per_epoch)
+        micro_batches = self.data.micro_batches(epoch, index)
+        counts = self.data.global_counts(epoch, index)
+        scale = self.world * self.recipe.train.grad_accum
+        weights = dict(self.weights.current)
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        skipped = False
+        for batch in micro_batches:
+            batch = batch.to(self.device)
+            reduced = {}
+            for teacher in self.teachers:
+                inputs = batch.teachers[teacher.name]
+                logits = self.teachers.logits(teacher, inputs.input_ids, inputs.attention_mask)
+                reduced[teacher.name] = self.teacher_losses[teacher.name].reduce(
+                    logits, inputs.labels, batch.pairings[teacher.name])
+                if self.recipe.weighting.mode == "dynamic":
+                    gold = losses.masked_ce(logits, inputs.labels)
+                    totals[f"_ce_sum/{teacher.name}"] += gold["ce"].detach().double().cpu()
+                    totals[f"_ce_tokens/{teacher.name}"] += float(gold["tokens"])
+                del logits
+            student = batch.student
+            student_logits = self.student(input_ids=student.input_ids, attention_mask=student.attention_mask,
+                                          use_cache=False).logits
+            ce = losses.masked_ce(student_logits, student.labels)["ce"] / max(counts["student_tokens"], 1)
+            loss = self.recipe.train.ce_weight * ce
+            totals["train/ce"] += ce.detach().double().cpu()
+            for teacher in self.teachers:
+                name = teacher.name
+                teacher_loss = self.teacher_losses[name]
+                terms = teacher_loss.terms(student_logits, student.labels, reduced.pop(name), batch.pairings[name])
+                denominator = max(counts[f"{name}/{teacher_loss.denominator}"], 1)
+                kd = sum(teacher_loss.term_weights[t] * value for t, value in terms.items()) / denominator
+                loss = loss + weights[name] * kd
+                totals[f"teacher/{name}/kd"] += kd.detach().double().cpu()
+                for term, value in terms.items():
+                    totals[f"teacher/{name}/{term}"] += (value.detach().double() / denominator).cpu()
+            if dist.any_rank(not bool(torch.isfinite(loss.detach()))):
+                skipped = True
+                # Zero gradient that still walks the whole graph, so every rank runs the same
+                # backward collectives; the update itself is suppressed below.
+                loss = student_logits.sum() * 0.0
+            totals["train/loss"] += loss.detach().double().cpu() if not skipped else 0.0
+            self.student.backward(loss * scale)
+        if skipped:
+            self._suppress_update()
+        self.student.step()
+        return self._step_metrics(totals, counts, weights, skipped)
+
+    def _suppress_update(self) -> None:
+        """Skip a step on every rank: lr 0 for this update (the scheduler sets the next lr itself)."""
+        for group in self.student.optimizer.param_groups:
+            group["lr"] = 0.0
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.recipe.train.max_consecutive_skips:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skips} consecutive steps had a non-finite loss (last at step "
+                f"{self.global_step + 1}); aborting. Lower train.lr, check the data, or raise "
+                f"train.max_consecutive_skips."
+            )
+
+    def _step_metrics(self, totals, counts, weights, skipped) -> dict[str, float]:
+        keys = sorted(totals)
+        reduced = dist.all_reduce_sum(torch.stack([totals[k].reshape(()) for k in keys]))
+        values = {k: float(v) for k, v in zip(keys, reduced)}
+        if self.recipe.weighting.mode == "dynamic":
+            names = [t.name for t in self.teachers]
+            self.weights.update({n: values[f"_ce_sum/{n}"] for n in names},
+                                {n: values[f"_ce_tokens/{n}"] for n in names})
+        if not skipped:
+            self.consecutive_skips = 0
+        metrics = {k: v for k, v in values.items() if not k.startswith("_")}
+        metrics["train/lr"] = float(self.student.get_lr()[0])
+        grad_norm = self.student.get_global_grad_norm()
+        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["train/skipped_steps"] = float(self.skipped_steps)
+        for name, weight in weights.items():
+            metrics[f"teacher/{name}/weight"] = weight
+        metrics["_tokens"] = float(counts["student_tokens"])
+        return metrics
+
+    # ------------------------------------------------------------------------------ save / cleanup
+    def save(self) -> Path:
+        state = {"global_step": self.global_step, "consecutive_skips": self.consecutive_skips,
+                 "skipped_steps": self.skipped_steps, "weights": self.weights.state_dict(),
+                 "steps_per_epoch": self.data.steps_per_epoch}
+        folder = checkpoint.save(self.student, self.checkpoint_dir, self.global_step, state, self.recipe_yaml,
+                                 self.manifest, self.recipe.train.keep_last)
+        self.log.message(f"checkpoint: {folder}")
+        return folder
+
+    def export(self) -> Path:
+        out = Path(self.recipe.export.dir or self.output_dir / "export")
+        return checkpoint.export_hf(self.student, self.inputs.student_tokenizer, out)
+
+    def cleanup(self) -> None:
+        self.log.close()
+
+
+def _flat_hparams(recipe: Recipe) -> dict:
+    hparams = {"lr": recipe.train.lr, "micro_batch_size": recipe.train.micro_batch_size,
+               "grad_accum": recipe.train.grad_accum, "world_size": dist.world_size(),
+               "weighting": recipe.weighting.mode, "student": recipe.student.model}
+    for teacher in recipe.teachers:
+        hparams[f"{teacher.name}/weight"] = teacher.weight
+        hparams[f"{teacher.name}/loss"] = f"{teacher.loss.kind}:{teacher.loss.preset}"
+        hparams[f"{teacher.name}/pairing"] = teacher.pairing
+    return hparams
