@@ -45,6 +45,8 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
     tokenization cache are built on rank 0 first, then the other ranks reuse them)."""
     from mlot_ds.data import DistillationData, load_records, load_tokenizer
 
+    train_path = resolve.data_path(recipe.data.train, "data.train")
+    eval_path = resolve.data_path(recipe.data.eval, "data.eval") if recipe.data.eval is not None else None
     if check_only:
         student, teachers = _resolve_without_building(recipe)
     else:
@@ -58,7 +60,7 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
         except (OSError, ValueError) as exc:
             raise RecipeError(f"{resolved.where}.tokenizer: cannot load a tokenizer from {resolved.tokenizer}: {exc}") from None
 
-    if check_only and resolve.uses_zoo(recipe) and not student.model.exists():
+    if check_only and not all(r.model.exists() for r in [student, *teachers]):
         # The zoo is built on the first real run; a dry run only checks its names.
         return RunInputs(student, teachers, None, {})
 
@@ -82,14 +84,12 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
                 f"{side.model_vocab_size} embedding rows; tokenizer and model do not match"
             )
 
-    train_path = resolve.data_path(recipe.data.train, "data.train")
     records = load_records(recipe.data.train.adapter, train_path, fields=recipe.data.train.fields,
                            bad_rows=recipe.data.bad_rows, limit=recipe.data.train.limit)
     if not records.records:
         raise RecipeError(f"data.train: no usable records in {train_path} (dropped: {dict(records.dropped)})")
     eval_records = []
-    if recipe.data.eval is not None:
-        eval_path = resolve.data_path(recipe.data.eval, "data.eval")
+    if eval_path is not None:
         eval_records = load_records(recipe.data.eval.adapter, eval_path, fields=recipe.data.eval.fields,
                                     bad_rows=recipe.data.bad_rows, limit=recipe.data.eval.limit).records
 
@@ -122,9 +122,10 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
 
 def _resolve_without_building(recipe: Recipe):
     student, teachers = resolve.resolve_models(recipe)
-    if not resolve.uses_zoo(recipe):
-        for resolved in [student, *teachers]:
+    configs = [recipe.student, *recipe.teachers]
+    for resolved, config in zip([student, *teachers], configs):
+        if not config.model.startswith(resolve.ZOO_PREFIX):
             check_model_folder(resolved.model, f"{resolved.where}.model")
-            if not Path(resolved.tokenizer).is_dir():
-                raise RecipeError(f"{resolved.where}.tokenizer: folder not found: {resolved.tokenizer}")
+        if not (config.tokenizer or config.model).startswith(resolve.ZOO_PREFIX) and not Path(resolved.tokenizer).is_dir():
+            raise RecipeError(f"{resolved.where}.tokenizer: folder not found: {resolved.tokenizer}")
     return student, teachers

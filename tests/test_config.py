@@ -1,0 +1,186 @@
+"""The recipe loader, overrides, validation, and the DeepSpeed config filling."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mlot_ds.config import DEFAULT_RECIPE, Recipe, RecipeError, apply_override, load_recipe
+from mlot_ds.engine.cli import main as cli_main
+from mlot_ds.engine.ds_config import DeepSpeedConfigError, read_ds_config, student_ds_config, teacher_ds_config
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO3 = REPO / "ds_configs" / "zero3.json"
+
+
+def base_recipe() -> dict:
+    return yaml.safe_load(DEFAULT_RECIPE.read_text())
+
+
+def write(tmp_path: Path, raw: dict, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_embedded_default_loads_and_has_three_teachers_with_distinct_models():
+    recipe = load_recipe()
+    assert isinstance(recipe, Recipe)
+    assert [t.name for t in recipe.teachers] == ["llama", "qwen", "opt"]
+    assert len({t.model for t in recipe.teachers}) == 3
+    assert recipe.student.model == "zoo:student"
+
+
+def test_overrides_by_dotted_path_teacher_name_and_index(tmp_path):
+    recipe = load_recipe(write(tmp_path, base_recipe()), [
+        "train.max_steps=7", "teachers.qwen.weight=2.5", "teachers.0.loss.preset=paper",
+        "teachers.opt.loss.overrides.k=20", "weighting.mode=dynamic", "data.eval=null",
+    ])
+    assert recipe.train.max_steps == 7
+    assert recipe.teachers[1].weight == 2.5
+    assert recipe.teachers[0].loss.preset == "paper"
+    assert recipe.teachers[2].loss.overrides == {"k": 20}
+    assert recipe.weighting.mode == "dynamic"
+    assert recipe.data.eval is None
+
+
+def test_override_does_not_touch_other_teachers():
+    raw = base_recipe()
+    before = copy.deepcopy(raw)
+    apply_override(raw, "teachers.llama.weight=3")
+    assert raw["teachers"][0]["weight"] == 3
+    assert raw["teachers"][1:] == before["teachers"][1:]
+
+
+BAD_RECIPES = [
+    # (mutation of the raw recipe, text the error must contain)
+    (lambda r: r["train"].update(max_step=5), "train.max_step: unknown field; did you mean 'max_steps'"),
+    (lambda r: r["train"].update(lr=-1.0), "train.lr: expected a positive number"),
+    (lambda r: r["train"].update(micro_batch_size=0), "train.micro_batch_size: expected an integer >= 1"),
+    (lambda r: r["train"].update(micro_batch_size="four"), "train.micro_batch_size: expected an integer"),
+    (lambda r: r["train"].update(grad_accum=1.5), "train.grad_accum: expected an integer"),
+    (lambda r: r["teachers"][1].update(pairing="byte"), "teachers[1].pairing: expected one of position, offsets, dtw"),
+    (lambda r: r["teachers"][0]["loss"].update(preset="offical"), "teachers[0].loss.preset: expected one of"),
+    (lambda r: r["teachers"][0]["loss"].update(kind="kl"), "teachers[0].loss.kind: expected one of mlot, uld, mined"),
+    (lambda r: r["teachers"][2].update(placement="gpu"), "teachers[2].placement: expected one of shard, offload, replicate"),
+    (lambda r: r["teachers"][1].update(name="llama"), "teachers[1].name: duplicate teacher name 'llama'"),
+    (lambda r: r["teachers"][0].update(weight=-1), "teachers[0].weight: expected a non-negative number"),
+    (lambda r: r.update(teachers=[]), "teachers: expected at least one teacher"),
+    (lambda r: [t.update(weight=0) for t in r["teachers"]], "static weights must not all be zero"),
+    (lambda r: r["teachers"][0].update(loss={"kind": "mined"}), "teachers[0].pairing: loss 'mined' needs pairing 'dtw'"),
+    (lambda r: r["weighting"].update(mode="adaptive"), "weighting.mode: expected one of static, dynamic"),
+    (lambda r: r["weighting"].update(temperature=0), "weighting.temperature: expected a positive number"),
+    (lambda r: r["data"].update(max_length=4), "data.max_length: expected at least 16"),
+    (lambda r: r["data"].update(bad_rows="ignore"), "data.bad_rows: expected one of error, skip"),
+    (lambda r: r["data"]["train"].update(adapter="squad"), "data.train.adapter: expected one of"),
+    (lambda r: r["data"]["train"].update(path="/nonexistent/x.jsonl"), "data.train.path: no such file or folder"),
+    (lambda r: r["data"]["train"].update(path="builtin:squad/train"), "unknown built-in data"),
+    (lambda r: r["student"].update(dtype="fp8"), "student.dtype: expected one of auto, float32, bfloat16, float16"),
+    (lambda r: r["student"].update(model="zoo:gpt9"), "student.model: unknown zoo member 'gpt9'"),
+    (lambda r: r["student"]["template"].update(kind="alpaca"), "student.template.kind: expected one of plain, chat"),
+    (lambda r: r["teachers"][0].update(model="/nonexistent/teacher"), "teachers[0].model: model folder not found"),
+    (lambda r: r["teachers"][0]["loss"].update(overrides={"kk": 3}), "teachers[0].loss"),
+    (lambda r: r["teachers"][0].update(source="cache"), "teachers[0].source"),
+    (lambda r: r.update(student="zoo:student"), "student: expected a mapping"),
+    (lambda r: r["eval"].update(limit=0), "eval.limit: expected an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", BAD_RECIPES, ids=[e for _, e in BAD_RECIPES])
+def test_dry_run_reports_one_clear_error_per_bad_field(tmp_path, capsys, mutate, expected):
+    raw = base_recipe()
+    mutate(raw)
+    code = cli_main(["--config", str(ZERO3), "--recipe", str(write(tmp_path, raw)), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err
+    assert err.count("error:") == 1
+
+
+def test_dry_run_reports_yaml_syntax_errors_with_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nteachers:\n  - name: a\n   model: b\n")
+    assert cli_main(["--config", str(ZERO3), "--recipe", str(path), "--dry-run"]) == 2
+    assert f"{path}:4" in capsys.readouterr().err
+
+
+def test_dry_run_of_the_embedded_default_passes(capsys):
+    assert cli_main(["--config", str(ZERO3), "--dry-run"]) == 0
+    assert "dry run OK" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def test_batch_keys_are_filled_from_the_recipe():
+    recipe = load_recipe(None, ["train.micro_batch_size=3", "train.grad_accum=2", "train.grad_clip=0.5",
+                                "train.lr=1e-4", "train.warmup_steps=5"])
+    config = student_ds_config(read_ds_config(ZERO3), recipe, 4, 100, torch.device("cpu"))
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 3 * 2 * 4
+    assert config["gradient_clipping"] == 0.5
+    assert config["optimizer"]["params"]["lr"] == 1e-4
+    assert config["scheduler"]["params"]["total_num_steps"] == 100
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 5
+    assert config["bf16"]["enabled"] is False  # fp32 on the CPU
+
+
+def test_a_conflicting_number_in_the_json_names_both_places(tmp_path):
+    raw = json.loads(ZERO3.read_text())
+    raw["train_micro_batch_size_per_gpu"] = 8
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(raw))
+    recipe = load_recipe(None, ["train.micro_batch_size=4"])
+    with pytest.raises(DeepSpeedConfigError, match=r"train_micro_batch_size_per_gpu = 8 conflicts with the recipe's train.micro_batch_size = 4"):
+        student_ds_config(read_ds_config(path), recipe, 1, 10, torch.device("cpu"), source=str(path))
+
+
+def test_an_equal_number_in_the_json_is_accepted(tmp_path):
+    raw = json.loads(ZERO3.read_text())
+    raw["gradient_clipping"] = 1.0
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(raw))
+    config = student_ds_config(read_ds_config(path), load_recipe(), 1, 10, torch.device("cpu"))
+    assert config["gradient_clipping"] == 1.0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"zero_optimization": {"stage": 2}}', "zero_optimization.stage must be 3"),
+    ('{"zero_optimization": {"stage": 3},\n "fp16": {"enabled": true}}', "fp16.enabled is not supported"),
+    ('{"zero_optimization": {"stage": 3},,}', ":1: not valid JSON"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_bad_deepspeed_configs(tmp_path, text, expected):
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(DeepSpeedConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        read_ds_config(path)
+
+
+def test_every_shipped_ds_config_is_valid_and_fills():
+    recipe = load_recipe()
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        config = student_ds_config(read_ds_config(path), recipe, 2, 10, torch.device("cpu"))
+        assert config["zero_optimization"]["stage"] == 3, path
+
+
+def test_teacher_config_has_no_optimizer_and_offloads_only_when_asked():
+    student = student_ds_config(read_ds_config(ZERO3), load_recipe(), 1, 10, torch.device("cpu"))
+    shard = teacher_ds_config(student, "shard", 4)
+    offload = teacher_ds_config(student, "offload", 4)
+    assert "optimizer" not in shard and "scheduler" not in shard
+    assert shard["zero_optimization"]["stage"] == 3
+    assert "offload_param" not in shard["zero_optimization"]
+    assert offload["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert shard["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_missing_recipe_file_is_a_clear_error(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")

@@ -1,0 +1,245 @@
+"""Real multi-process DeepSpeed ZeRO-3 runs on the CPU (gloo), with three tiny teachers whose
+tokenizers all differ from the student's.
+
+These are the slowest tests of the suite: each job starts real ranks. Runs are shared between
+tests through module-scoped fixtures, so each job runs once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, deepspeed_command, job_env, run_job, tiny_recipe_overrides
+
+pytestmark = [pytest.mark.slow, pytest.mark.multirank]
+
+ZERO3 = str(REPO / "ds_configs" / "zero3.json")
+TAGS_PER_TEACHER = ("had", "sl", "sd", "kd", "weight")
+TEACHERS = ("llama", "qwen", "opt")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metrics(output_dir: Path) -> dict[int, dict]:
+    rows = {}
+    for line in (output_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row  # a resumed run rewrites later steps; keep the newest
+    return rows
+
+
+def train(tmp: Path, name: str, ranks: int, zoo: Path, timeout: float = 600, **overrides):
+    out = tmp / name
+    command = deepspeed_command(ranks, ["--config", ZERO3, *tiny_recipe_overrides(out, **overrides)], free_port())
+    result = run_job(command, job_env(zoo), tmp / f"{name}.log", timeout=timeout)
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_zoo):
+    """Two-rank reference run (6 steps, odd record count), and the same global batch on one rank."""
+    tmp = tmp_path_factory.mktemp("engine")
+    two, result_two = train(tmp, "two_ranks", 2, tiny_zoo, **{"train.save_every": 3})
+    assert result_two.returncode == 0, result_two.log_text[-4000:]
+    one, result_one = train(tmp, "one_rank", 1, tiny_zoo, **{"train.grad_accum": 2, "train.max_steps": 5,
+                                                             "export.enabled": "false", "data.eval": "null"})
+    assert result_one.returncode == 0, result_one.log_text[-4000:]
+    return {"tmp": tmp, "two": two, "one": one, "log_two": result_two.log_text}
+
+
+def test_two_ranks_equal_one_rank_at_the_same_global_batch(runs):
+    two, one = metrics(runs["two"]), metrics(runs["one"])
+    for step in range(1, 6):
+        for key in ["train/loss", "train/ce"] + [f"teacher/{t}/{term}" for t in TEACHERS for term in ("had", "sl", "sd")]:
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_an_odd_record_count_on_two_ranks_finishes(runs):
+    # 21 records, global batch 4: step 6 holds one real record and three filler rows.
+    rows = metrics(runs["two"])
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert "done in" in runs["log_two"]
+
+
+def test_every_tag_is_in_the_tensorboard_events(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["two"] / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/ce", "train/lr", "train/grad_norm", "train/tokens_per_s"}
+    expected |= {f"teacher/{t}/{term}" for t in TEACHERS for term in TAGS_PER_TEACHER}
+    assert expected <= tags, expected - tags
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert any("eval/" in tag for tag in tags)
+
+
+def test_a_real_tensorboard_serves_the_logs_on_localhost(runs):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(runs["two"] / "tensorboard"),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        body = None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as reply:
+                    body = json.loads(reply.read())
+            except OSError:
+                time.sleep(1)
+        assert body is not None, "tensorboard did not answer"
+        served = {tag for run in body.values() for tag in run}
+        assert "teacher/qwen/sd" in served and "train/loss" in served
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_exported_student_loads_and_generates(runs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = runs["two"] / "export"
+    assert (export / "model.safetensors").is_file()
+    assert not list(export.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(export, local_files_only=True)
+    inputs = tokenizer("Summarize the dialogue.\n#Person1#: Hello.\nSummary:\n", return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_checkpoint_holds_student_state_manifest_and_latest_pointer(runs):
+    root = runs["two"] / "checkpoints"
+    latest = (root / "latest").read_text().strip()
+    assert latest == "step_00000006"
+    folder = root / latest
+    assert (folder / "COMPLETE").is_file()
+    manifest = json.loads((folder / "teachers.json").read_text())
+    assert [t["name"] for t in manifest["teachers"]] == list(TEACHERS)
+    assert all(len(t["tokenizer_hash"]) == 16 for t in manifest["teachers"])
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert {p.name for p in folder.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    # keep_last=2: steps 3 and 6 remain; teachers' weights are not in the checkpoint.
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000006"]
+    # Only the student's parameters are saved: the module state names GPT-2 weights, no teacher's.
+    import torch
+
+    states = [torch.load(p, map_location="cpu", weights_only=False) for p in folder.glob("*model_states.pt")]
+    assert states
+    names = set().union(*(set(s.get("param_shapes", [{}])[0]) | set(s.get("module", {}) or {}) for s in states))
+    assert any(name.startswith("transformer.") for name in names), sorted(names)[:5]
+    assert not any(name.startswith(("model.layers", "model.decoder")) for name in names)
+
+
+def _wait_for_step(out: Path, step: int, process: subprocess.Popen, timeout: float) -> None:
+    path = out / "tensorboard" / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"job ended early with status {process.returncode}")
+        if path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def _rank_pids(launcher_pid: int) -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process(launcher_pid).children(recursive=True)
+            if any(arg.startswith("--local_rank") for arg in child.cmdline())]
+
+
+def test_sigkill_after_step_3_then_resume_matches_the_uninterrupted_run(runs, tiny_zoo):
+    tmp = runs["tmp"]
+    out = tmp / "killed"
+    args = ["--config", ZERO3, *tiny_recipe_overrides(out, **{"train.save_every": 3})]
+    with open(tmp / "killed.log", "w") as log:
+        process = subprocess.Popen(deepspeed_command(2, args, free_port()), env=job_env(tiny_zoo), cwd=REPO,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_step(out, 3, process, timeout=400)
+            deadline = time.time() + 120
+            while not (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file() and time.time() < deadline:
+                time.sleep(0.1)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    resumed = run_job(deepspeed_command(2, args, free_port()), job_env(tiny_zoo), tmp / "resumed.log")
+    assert resumed.returncode == 0, resumed.log_text[-4000:]
+    assert "resumed from" in resumed.log_text and "at step 3" in resumed.log_text
+    reference, after = metrics(runs["two"]), metrics(out)
+    for step in (4, 5, 6):
+        for key in ("train/loss", "train/ce", "teacher/llama/had", "teacher/qwen/sd", "teacher/opt/sl"):
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=1e-8), (step, key)
+
+
+def test_sigusr1_checkpoints_and_exits_with_the_requeue_status(runs, tiny_zoo):
+    tmp = runs["tmp"]
+    out = tmp / "usr1"
+    args = ["--config", ZERO3, *tiny_recipe_overrides(out, **{"train.max_steps": 200, "data.train.limit": 400})]
+    with open(tmp / "usr1.log", "w") as log:
+        process = subprocess.Popen(deepspeed_command(2, args, free_port()), env=job_env(tiny_zoo), cwd=REPO,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_step(out, 2, process, timeout=400)
+            ranks = _rank_pids(process.pid)
+            assert len(ranks) == 2
+            os.kill(ranks[0], signal.SIGUSR1)  # one rank is enough: the flag is all-reduced
+            status = process.wait(timeout=180)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    log_text = (tmp / "usr1.log").read_text()
+    assert status == 75, log_text[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert 2 <= step < 200
+    assert (out / "checkpoints" / latest / "COMPLETE").is_file()
+    assert "stopped by signal" in log_text
+
+
+def test_a_rank_that_raises_ends_the_job(runs, tiny_zoo, tmp_path):
+    # sitecustomize makes rank 1 raise inside its second training step; the other rank is then
+    # blocked in a collective and must not hang the job.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import mlot_ds.engine.trainer as t\n"
+        "    original = t.Trainer.train_step\n"
+        "    def failing(self, step):\n"
+        "        if step == 1:\n"
+        "            raise RuntimeError('injected failure on rank 1')\n"
+        "        return original(self, step)\n"
+        "    t.Trainer.train_step = failing\n"
+    )
+    out = tmp_path / "fail"
+    env = job_env(tiny_zoo, PYTHONPATH=f"{hook}{os.pathsep}{REPO}")
+    args = ["--config", ZERO3, *tiny_recipe_overrides(out, **{"train.dist_timeout_s": 60})]
+    started = time.time()
+    result = run_job(deepspeed_command(2, args, free_port()), env, tmp_path / "fail.log", timeout=400)
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.log_text
+    assert time.time() - started < 400
