@@ -1,0 +1,243 @@
+"""MultiLevelOT for one teacher (Cui et al., AAAI 2025): HAD, SL and SD as batch sums.
+
+For each sequence, on its paired tokens ``i`` (a :class:`~mlot_ds.pairing.Pairing`), at temperature
+``tau`` (eq. 1) both sides are ranked by their own sequence-summed probabilities and truncated to
+the top ``k`` ids (eq. 10-12, see :mod:`mlot_ds.losses.ranking`), giving ``t^k(i)`` and ``s^k(i)``:
+
+    HAD = sum_i sum_l |t^k_l(i) - s^k_l(i)|                          eq. (14), tau = tau_had
+    SL  = -sum_i sum_l t^k_l(i) log s^k_l(i)                          eq. (16), tau = tau_sl
+    C_ij = sum_l |t^k_l(i) - s^k_l(j)|,  SD = <P^lambda, C>           eq. (17)-(20), tau = tau_sd
+
+``P^lambda`` is N rounds of the row/column normalisation of ``exp(-C / lambda)`` over the valid
+pairs (:mod:`mlot_ds.losses.sinkhorn`). Each term is summed over the batch; the engine divides by
+the global ``tokens`` (or ``sequences``, see the preset's ``normalize_by``) and applies eq. (21)'s
+weights. The work is split so the engine can drop a teacher's logits right after its forward:
+:func:`teacher_summary` keeps only the ranked ids and the top-k values, and
+:func:`multilevel_ot_from_summary` does the student side.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from mlot_ds.losses import official
+from mlot_ds.losses.ce import masked_ce
+from mlot_ds.losses.presets import MlotPreset, resolve_preset
+from mlot_ds.losses.ranking import StudentTopK, build_row_set, gather_log_probs, row_statistics
+from mlot_ds.losses.sinkhorn import sinkhorn_distance
+from mlot_ds.pairing import IGNORE_INDEX, Pairing, position_pairing
+
+
+class TeacherSummary(NamedTuple):
+    """What the student side needs from one teacher's logits.
+
+    Attributes:
+        temperatures: the ``G`` distinct temperatures, ascending (official: the span softmax only).
+        indices: ``[G, B, k]`` long, teacher vocabulary ids ranked by the sequence-summed
+            probabilities (official: by the batch-summed ones, the same row for every ``b``).
+        values: ``[G, B, P, k]`` float32, ``t^k`` of every pair (0 on padded pairs). Official: the
+            teacher's whole answer span, ``P`` = longest teacher span.
+    """
+
+    temperatures: tuple[float, ...]
+    indices: torch.Tensor
+    values: torch.Tensor
+
+
+def _check_logits(name: str, logits: torch.Tensor, k: int) -> None:
+    if logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(f"{name} must be a float [B, T, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
+    if k > logits.shape[2]:
+        raise ValueError(f"k={k} exceeds the vocabulary size {logits.shape[2]} of {name}")
+
+
+def _check_rows(side: str, index: torch.Tensor, mask: torch.Tensor, length: int) -> None:
+    if index.shape != mask.shape or mask.dtype != torch.bool:
+        raise ValueError(f"pairing.{side}_index {tuple(index.shape)} and a bool mask of the same shape expected")
+    real = index[mask]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= length):
+        raise ValueError(f"pairing.{side}_index out of range [0, {length}): {int(real.min())}..{int(real.max())}")
+
+
+def teacher_summary(
+    teacher_logits: torch.Tensor, pairing: Pairing | official.OfficialSpans, *, preset="default", **overrides
+) -> TeacherSummary:
+    """Rank and truncate the teacher side (eq. 10-12) and keep the top-k values of every pair.
+
+    Args:
+        teacher_logits: ``[B, Tt, m]`` logits (any float dtype; float32 inside). Never modified.
+        pairing: the pairing (for ``preset="official"``: :func:`official.official_spans`).
+        preset, overrides: as :func:`multilevel_ot`.
+
+    Returns:
+        A :class:`TeacherSummary`; no autograd graph, no full-vocabulary tensor kept.
+    """
+    cfg = resolve_preset(preset, overrides)
+    _check_logits("teacher_logits", teacher_logits, cfg.k)
+    with torch.no_grad():
+        if cfg.is_official:
+            return TeacherSummary((cfg.tau_had,), *official.teacher_side(teacher_logits, pairing, cfg))
+        batch, seq_len, vocab = teacher_logits.shape
+        _check_rows("teacher", pairing.teacher_index, pairing.mask, seq_len)
+        temperatures = cfg.temperatures()
+        inv = tuple(1.0 / t for t in temperatures)
+        logits2d = teacher_logits.reshape(batch * seq_len, vocab)
+        row_set = build_row_set(pairing.teacher_index, pairing.mask, seq_len)
+        lse, sums = row_statistics(logits2d, row_set, batch, inv, cfg.chunk_elements)
+        indices = sums.topk(cfg.k, dim=2).indices
+        flat = gather_log_probs(logits2d, row_set, lse, indices, inv).exp_()
+        values = flat.new_zeros(len(temperatures), *pairing.mask.shape, cfg.k)
+        values[:, pairing.mask] = flat
+    return TeacherSummary(temperatures, indices, values)
+
+
+def multilevel_ot_from_summary(
+    student_logits: torch.Tensor,
+    summary: TeacherSummary,
+    pairing: Pairing | official.OfficialSpans,
+    *,
+    preset="default",
+    student_labels: torch.Tensor | None = None,
+    **overrides,
+) -> dict[str, torch.Tensor]:
+    """Student side of MultiLevelOT: HAD, SL and SD sums against a :class:`TeacherSummary`.
+
+    Args:
+        student_logits: ``[B, Ts, n]`` logits (grad flows into them; never modified).
+        summary: from :func:`teacher_summary` with the same preset and overrides.
+        pairing: the pairing the summary was built with.
+        student_labels: if given (``[B, Ts]``, HF unshifted, -100 ignored), the result also holds
+            ``ce`` (summed cross-entropy) and ``ce_tokens``, computed from the same log-sum-exp and
+            written into the same gradient tensor as the MultiLevelOT terms.
+
+    Returns:
+        ``{"had", "sl", "sd", "tokens", "sequences"}`` float32 tensors (plus ``ce``, ``ce_tokens``).
+    """
+    cfg = resolve_preset(preset, overrides)
+    _check_logits("student_logits", student_logits, cfg.k)
+    expected = (cfg.tau_had,) if cfg.is_official else cfg.temperatures()
+    if summary.temperatures != expected or summary.indices.shape[-1] != cfg.k:
+        raise ValueError(
+            f"summary was built for temperatures {summary.temperatures} and k={summary.indices.shape[-1]}, "
+            f"but preset {cfg.name!r} needs {expected} and k={cfg.k}: use the same preset and overrides"
+        )
+    if cfg.is_official:
+        result = official.student_side(student_logits, summary.values[0], pairing, cfg)
+        if student_labels is not None:
+            result.update(_plain_ce(student_logits, student_labels))
+        return result
+    batch, seq_len, vocab = student_logits.shape
+    if summary.values.shape[1:3] != pairing.mask.shape:
+        raise ValueError(f"summary values {tuple(summary.values.shape)} do not match the pairing {tuple(pairing.mask.shape)}")
+    _check_rows("student", pairing.student_index, pairing.mask, seq_len)
+
+    temperatures = summary.temperatures
+    ce_slot = ce_target = torch.zeros(0, dtype=torch.long, device=student_logits.device)
+    extra_rows = None
+    if student_labels is not None:
+        # CE needs the temperature-1 log-normaliser as group 0 (see StudentTopK).
+        temperatures = (1.0,) + tuple(t for t in temperatures if t != 1.0)
+        extra_rows, ce_target = _ce_rows(student_labels, student_logits.shape)
+    inv = tuple(1.0 / t for t in temperatures)
+    row_set = build_row_set(pairing.student_index, pairing.mask, seq_len, extra_rows)
+    if extra_rows is not None:
+        ce_slot = torch.searchsorted(row_set.rows, extra_rows)
+    log_probs, ce_sum, _ = StudentTopK.apply(
+        student_logits, row_set, inv, cfg.k, ce_slot, ce_target, cfg.chunk_elements
+    )
+    student_log_probs = {t: log_probs[temperatures.index(t)] for t in summary.temperatures}
+    teacher_values = {t: summary.values[g] for g, t in enumerate(summary.temperatures)}
+    result = _terms(teacher_values, student_log_probs, pairing.mask, cfg)
+    if student_labels is not None:
+        result["ce"] = ce_sum
+        result["ce_tokens"] = torch.tensor(float(ce_slot.numel()), device=student_logits.device)
+    return result
+
+
+def multilevel_ot(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    *,
+    pairing: Pairing | None = None,
+    preset="default",
+    with_ce: bool = False,
+    **overrides,
+) -> dict[str, torch.Tensor]:
+    """MultiLevelOT terms of one teacher, each summed over the batch (eq. 14, 16, 20).
+
+    Args:
+        student_logits: ``[B, Ts, n]``; teacher_logits: ``[B, Tt, m]`` (any float dtypes).
+        student_labels, teacher_labels: ``[B, Ts]``, ``[B, Tt]`` HF unshifted labels, -100 = not distilled.
+        pairing: replaces the ``position`` rule built from the labels (not allowed with ``official``).
+        preset: ``"paper"``, ``"official"``, ``"default"`` or a :class:`MlotPreset`.
+        with_ce: also return the student's summed ``ce`` and ``ce_tokens`` (fused, see above).
+        overrides: hyper-parameters of :class:`MlotPreset` (``k``, ``tau_sl``, ``tau_sd``,
+            ``sinkhorn_lambda``, ``sinkhorn_iters``, ...); unknown names raise ``ValueError``.
+
+    Returns:
+        ``{"had", "sl", "sd", "tokens", "sequences"}``: float32 scalars; ``tokens`` = paired tokens,
+        ``sequences`` = sequences with at least one pair. Example::
+
+            out = multilevel_ot(s_logits, t_logits, s_labels, t_labels)
+            kd = sum(PRESETS["default"].weights[t] * out[t] for t in TERMS) / out["tokens"]
+    """
+    cfg = resolve_preset(preset, overrides)
+    for name, labels, logits in (("student", student_labels, student_logits), ("teacher", teacher_labels, teacher_logits)):
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"{name}_labels {tuple(labels.shape)} must match {name}_logits[:2] {tuple(logits.shape[:2])}")
+    if cfg.is_official:
+        if pairing is not None:
+            raise ValueError("preset 'official' takes both answer spans from the labels; pass pairing=None")
+        pairing = official.official_spans(student_labels, teacher_labels, skip_student_eos=cfg.skip_student_eos)
+    elif pairing is None:
+        pairing = position_pairing(student_labels, teacher_labels)
+    summary = teacher_summary(teacher_logits, pairing, preset=cfg)
+    return multilevel_ot_from_summary(
+        student_logits, summary, pairing, preset=cfg, student_labels=student_labels if with_ce else None
+    )
+
+
+def _terms(teacher_values, student_log_probs, mask, cfg: MlotPreset) -> dict[str, torch.Tensor]:
+    """HAD, SL, SD sums from ``t^k`` ([B, P, k] per temperature) and flat ``log s^k`` ([N, k])."""
+    had = (teacher_values[cfg.tau_had][mask] - student_log_probs[cfg.tau_had].exp()).abs().sum()  # eq. 14
+    sl = -(teacher_values[cfg.tau_sl][mask] * student_log_probs[cfg.tau_sl]).sum()  # eq. 16
+    teacher_sd = teacher_values[cfg.tau_sd]
+    student_sd = teacher_sd.new_zeros(teacher_sd.shape).masked_scatter(
+        mask.unsqueeze(2).expand_as(teacher_sd), student_log_probs[cfg.tau_sd].exp()
+    )
+    cost = torch.cdist(teacher_sd, student_sd, p=1)  # C_ij of eq. 17, rows teacher, columns student
+    sd = sinkhorn_distance(
+        cost,
+        mask,
+        mask,
+        sinkhorn_lambda=cfg.sinkhorn_lambda,
+        sinkhorn_iters=cfg.sinkhorn_iters,
+        differentiate=cfg.differentiate_sinkhorn,
+    ).sum()
+    return {
+        "had": had,
+        "sl": sl,
+        "sd": sd,
+        "tokens": mask.sum().to(torch.float32),
+        "sequences": mask.any(dim=1).sum().to(torch.float32),
+    }
+
+
+def _ce_rows(labels: torch.Tensor, logits_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat rows ``b * T + t`` whose next label is distilled, and those labels (HF shift)."""
+    if labels.shape != logits_shape[:2]:
+        raise ValueError(f"student_labels {tuple(labels.shape)} must match student_logits[:2] {tuple(logits_shape[:2])}")
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    flat = targets.reshape(-1)
+    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    return rows, flat[rows]
+
+
+def _plain_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = masked_ce(student_logits, labels)
+    return {"ce": out["ce"], "ce_tokens": out["tokens"]}

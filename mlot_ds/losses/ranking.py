@@ -1,0 +1,193 @@
+"""Sequence-level ranking and top-k truncation of softmax rows (paper eq. 1, 10-12), memory-lean.
+
+For one sequence and one temperature ``tau``, the rows ``x(i) = softmax(z(i) / tau)`` of its paired
+tokens are summed over ``i``; the ``k`` vocabulary ids with the largest sums, in descending order,
+are the sequence's ranking, and ``x^k(i)`` is ``x(i)`` read at those ids (no renormalisation).
+
+Both models go through :func:`row_statistics`, which walks the needed logit rows in blocks of about
+``chunk_elements`` values. Each block yields every row's log-normaliser ``logsumexp(z / tau)`` and adds
+its pair-weighted probabilities into a ``[B, V]`` per-sequence sum through one matrix product. No
+temporary of the size of the whole batch is allocated, nothing is sorted, and ``topk`` runs on the
+``[B, V]`` sums only. The top-k values are then read back from the logits with a small gather.
+
+The student side is a custom autograd function (:class:`StudentTopK`) whose backward writes the
+gradient of the logits block by block, optionally fused with the cross-entropy of the same rows so
+that both share one log-sum-exp and one full-size gradient tensor.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class RowSet(NamedTuple):
+    """The logit rows one side needs, and how the pairs map onto them.
+
+    Attributes:
+        rows: ``[R]`` long, distinct flat row ids ``b * T + t`` (ascending).
+        sequence: ``[R]`` long, the sequence ``b`` of each row.
+        pair_weight: ``[R]`` float, how many real pairs use each row (0 for rows used by CE only).
+        pair_slot: ``[N]`` long, position in ``rows`` of each real pair (pairs in row-major ``(b, p)``
+            order of the pairing mask).
+        pair_sequence: ``[N]`` long, the sequence of each real pair.
+    """
+
+    rows: torch.Tensor
+    sequence: torch.Tensor
+    pair_weight: torch.Tensor
+    pair_slot: torch.Tensor
+    pair_sequence: torch.Tensor
+
+
+def build_row_set(
+    row_index: torch.Tensor, mask: torch.Tensor, seq_len: int, extra_rows: torch.Tensor | None = None
+) -> RowSet:
+    """Flatten a pairing side (``[B, P]`` rows and mask) plus optional extra flat rows into a :class:`RowSet`."""
+    batch = row_index.shape[0]
+    offsets = torch.arange(batch, device=row_index.device).unsqueeze(1) * seq_len
+    pair_rows = (row_index + offsets)[mask]
+    pair_sequence = torch.arange(batch, device=row_index.device).unsqueeze(1).expand_as(mask)[mask]
+    everything = pair_rows if extra_rows is None else torch.cat([pair_rows, extra_rows])
+    rows, inverse = torch.unique(everything, sorted=True, return_inverse=True)
+    pair_slot = inverse[: pair_rows.numel()]
+    pair_weight = torch.zeros(rows.numel(), dtype=torch.float32, device=rows.device)
+    pair_weight.index_add_(0, pair_slot, torch.ones_like(pair_slot, dtype=torch.float32))
+    return RowSet(rows, torch.div(rows, seq_len, rounding_mode="floor"), pair_weight, pair_slot, pair_sequence)
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 logits, float64 for float64 (used by gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def row_statistics(
+    logits2d: torch.Tensor,
+    row_set: RowSet,
+    batch: int,
+    inv_temperatures: tuple[float, ...],
+    chunk_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-normalisers and per-sequence probability sums of the rows of ``row_set``.
+
+    Args:
+        logits2d: ``[B * T, V]`` logits (any float dtype; computed in float32 or wider).
+        row_set: the rows to visit; ``pair_weight`` weights each row's contribution to the sums.
+        batch: ``B``.
+        inv_temperatures: ``1 / tau`` for each of the ``G`` temperatures.
+        chunk_elements: block size in logits.
+
+    Returns:
+        ``lse [G, R]`` with ``lse[g, r] = logsumexp(z_r / tau_g)``, and ``sums [G, B, V]`` with
+        ``sums[g, b] = sum over pairs of sequence b of softmax(z / tau_g)`` (eq. 10's ranking key).
+    """
+    vocab = logits2d.shape[1]
+    dtype = compute_dtype_for(logits2d.dtype)
+    count = row_set.rows.numel()
+    lse = torch.empty(len(inv_temperatures), count, dtype=dtype, device=logits2d.device)
+    sums = torch.zeros(len(inv_temperatures), batch, vocab, dtype=dtype, device=logits2d.device)
+    block = max(1, chunk_elements // vocab)
+    for start in range(0, count, block):
+        stop = min(start + block, count)
+        z = logits2d.index_select(0, row_set.rows[start:stop]).to(dtype)
+        z_max = z.amax(dim=1, keepdim=True)
+        # weights[b, r] = number of pairs of sequence b at row r; folding 1/rowsum into it turns the
+        # per-sequence sum of normalised rows into a single [B, rows] x [rows, V] product.
+        weights = torch.zeros(batch, stop - start, dtype=dtype, device=z.device)
+        weights[row_set.sequence[start:stop], torch.arange(stop - start, device=z.device)] = row_set.pair_weight[
+            start:stop
+        ].to(dtype)
+        for group, inv_t in enumerate(inv_temperatures):
+            scaled = torch.add(z_max * -inv_t, z, alpha=inv_t).exp_()  # exp((z - max) / tau)
+            row_sum = scaled.sum(dim=1)
+            lse[group, start:stop] = z_max.squeeze(1) * inv_t + row_sum.log()
+            sums[group].addmm_(weights / row_sum, scaled)
+    return lse, sums
+
+
+def gather_log_probs(
+    logits2d: torch.Tensor,
+    row_set: RowSet,
+    lse: torch.Tensor,
+    indices: torch.Tensor,
+    inv_temperatures: tuple[float, ...],
+) -> torch.Tensor:
+    """``log x^k`` for every pair: ``z[row, ids] / tau - lse[row]``, shape ``[G, N, k]`` (eq. 12)."""
+    dtype = lse.dtype
+    pair_rows = row_set.rows[row_set.pair_slot]
+    ids = indices[:, row_set.pair_sequence]  # [G, N, k]
+    z_at = logits2d[pair_rows.view(1, -1, 1), ids].to(dtype)
+    inv = torch.tensor(inv_temperatures, dtype=dtype, device=lse.device).view(-1, 1, 1)
+    return z_at * inv - lse[:, row_set.pair_slot].unsqueeze(2)
+
+
+class StudentTopK(torch.autograd.Function):
+    """Student ``log s^k`` at its own ranking for every temperature, plus an optional fused CE sum.
+
+    forward(logits [B, T, V], row_set, inv_temperatures, k, ce_slot [C], ce_target [C], chunk_elements)
+    returns ``(log_probs [G, N, k], ce_sum [], indices [G, B, k])``. ``ce_slot`` points into
+    ``row_set.rows``; the CE uses temperature group 0, which must be ``1 / tau = 1`` when CE is asked.
+
+    The backward uses ``d log x_l / d z_v = (delta_{v, id_l} - x_v) / tau``: a dense part, a per-row
+    coefficient times ``softmax(z / tau)``, and a sparse part at the ``k`` ranked ids. It writes each
+    block of rows straight into one gradient tensor of the logits' shape and dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, row_set, inv_temperatures, k, ce_slot, ce_target, chunk_elements):
+        batch, seq_len, vocab = logits.shape
+        logits2d = logits.reshape(batch * seq_len, vocab)
+        lse, sums = row_statistics(logits2d, row_set, batch, inv_temperatures, chunk_elements)
+        indices = sums.topk(k, dim=2).indices
+        log_probs = gather_log_probs(logits2d, row_set, lse, indices, inv_temperatures)
+        ce_rows = row_set.rows[ce_slot]
+        ce_sum = (lse[0, ce_slot] - logits2d[ce_rows, ce_target].to(lse.dtype)).sum()
+        ctx.save_for_backward(logits, lse, indices, ce_slot, ce_target)
+        ctx.row_set, ctx.inv_temperatures, ctx.chunk_elements = row_set, inv_temperatures, chunk_elements
+        ctx.mark_non_differentiable(indices)
+        return log_probs, ce_sum, indices
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_ce, _grad_indices):
+        logits, lse, indices, ce_slot, ce_target = ctx.saved_tensors
+        row_set, inv_temperatures = ctx.row_set, ctx.inv_temperatures
+        batch, seq_len, vocab = logits.shape
+        logits2d = logits.reshape(batch * seq_len, vocab)
+        dtype = lse.dtype
+        inv = torch.tensor(inv_temperatures, dtype=dtype, device=lse.device)
+        groups = len(inv_temperatures)
+
+        # Dense coefficient of softmax(z / tau) for every (temperature, row).
+        dense = torch.zeros(groups, row_set.rows.numel(), dtype=dtype, device=lse.device)
+        if grad_log_probs is not None:
+            dense.index_add_(1, row_set.pair_slot, -inv.view(-1, 1) * grad_log_probs.sum(dim=2))
+        if grad_ce is not None and ce_slot.numel():
+            dense[0].index_add_(0, ce_slot, grad_ce.to(dtype).expand(ce_slot.numel()))
+
+        grad2d = torch.empty_like(logits2d)
+        untouched = torch.ones(batch * seq_len, dtype=torch.bool, device=logits.device)
+        untouched[row_set.rows] = False
+        grad2d[untouched] = 0
+        block = max(1, ctx.chunk_elements // vocab)
+        for start in range(0, row_set.rows.numel(), block):
+            stop = min(start + block, row_set.rows.numel())
+            z = logits2d.index_select(0, row_set.rows[start:stop]).to(dtype)
+            grad_block = None
+            for group, inv_t in enumerate(inv_temperatures):
+                probs = torch.add(-lse[group, start:stop].unsqueeze(1), z, alpha=inv_t).exp_()
+                coefficient = dense[group, start:stop].unsqueeze(1)
+                grad_block = probs.mul_(coefficient) if grad_block is None else grad_block.addcmul_(probs, coefficient)
+            grad2d.index_copy_(0, row_set.rows[start:stop], grad_block.to(grad2d.dtype))
+
+        # Sparse parts: +grad/tau at the ranked ids, and -grad_ce at the CE targets.
+        if grad_log_probs is not None:
+            pair_rows = row_set.rows[row_set.pair_slot].unsqueeze(1).expand(-1, indices.shape[2])
+            for group in range(groups):
+                ids = indices[group, row_set.pair_sequence]
+                grad2d.index_put_((pair_rows, ids), (grad_log_probs[group] * inv[group]).to(grad2d.dtype), accumulate=True)
+        if grad_ce is not None and ce_slot.numel():
+            grad2d.index_put_(
+                (row_set.rows[ce_slot], ce_target), (-grad_ce).to(grad2d.dtype).expand(ce_slot.numel()), accumulate=True
+            )
+        return grad2d.view(batch, seq_len, vocab), None, None, None, None, None, None
