@@ -24,7 +24,7 @@ def spans(labels, skip_last):
     return out
 
 
-def released_loss(student_logits, teacher_logits, s_labels, t_labels, k, iters=10):
+def released_loss(student_logits, teacher_logits, s_labels, t_labels, k, iters=10, lam=0.1):
     """Returns (HAD, SL, SD) exactly as the released code combines them: mean, mean, sum over batch."""
     s_spans, t_spans = spans(s_labels, True), spans(t_labels, False)
 
@@ -52,7 +52,7 @@ def released_loss(student_logits, teacher_logits, s_labels, t_labels, k, iters=1
     for i in range(student.shape[0]):
         x, y = torch.softmax(teacher[i] / 2, dim=-1), torch.softmax(student[i] / 2, dim=-1)
         cost = torch.cdist(x, y, p=1)
-        plan = torch.exp(-cost / 0.1)
+        plan = torch.exp(-cost / lam)
         for _ in range(iters):
             plan = plan / plan.sum(dim=1, keepdim=True)
             plan = plan / plan.sum(dim=0, keepdim=True)
@@ -60,18 +60,21 @@ def released_loss(student_logits, teacher_logits, s_labels, t_labels, k, iters=1
     return had, sl, sd
 
 
+# The re-softmaxed vectors are nearly uniform, so at lambda = 0.1 the plan is almost flat after one
+# round; lambda = 1e-3 makes the comparison sensitive to the iteration count and the plan itself.
+@pytest.mark.parametrize("lam", [0.1, 1e-3])
 @pytest.mark.parametrize("layout", [
     ([(3, 5), (2, 7), (4, 3)], [(2, 6), (3, 4), (1, 8)], 11, 12),
     ([(4, 6)], [(2, 3)], 12, 9),
 ])
-def test_official_preset_reproduces_released_formulas(layout):
+def test_official_preset_reproduces_released_formulas(layout, lam):
     s_spec, t_spec, ts, tt = layout
     gen = torch.Generator().manual_seed(21)
     student, s_labels = make_batch(s_spec, ts, 40, gen)
     teacher, t_labels = make_batch(t_spec, tt, 30, gen)
     student, teacher = student * 3, teacher * 3
-    had, sl, sd = released_loss(student, teacher, s_labels, t_labels, k=12)
-    out = multilevel_ot(student, teacher, s_labels, t_labels, preset="official", k=12)
+    had, sl, sd = released_loss(student, teacher, s_labels, t_labels, k=12, lam=lam)
+    out = multilevel_ot(student, teacher, s_labels, t_labels, preset="official", k=12, sinkhorn_lambda=lam)
     batch = len(s_spec)
     assert out["sequences"] == batch  # no empty sequence: the reduction mapping is exact
     preset = PRESETS["official"]
