@@ -28,9 +28,8 @@ class TeacherLoss:
 
     def __post_init__(self):
         if self.config.kind == "mlot":
-            self.preset = losses.PRESETS[self.config.preset]
             self.overrides = dict(self.config.overrides)
-            self.hparams = self.preset.with_overrides(**self.overrides)
+            self.hparams = losses.resolve_preset(self.config.preset, self.overrides)
             self.term_weights = dict(self.hparams.weights)
             self.denominator = "sequences" if self.hparams.normalize_by == "sequences" else "pairs"
         elif self.config.kind == "uld":
@@ -40,24 +39,28 @@ class TeacherLoss:
             self.term_weights = {"mined": MINED_WEIGHT}
             self.denominator = "pairs"
 
-    def reduce(self, teacher_logits: torch.Tensor, teacher_labels: torch.Tensor, pairing: Pairing):
+    def pairing_for(self, pairing: Pairing, student_labels: torch.Tensor, teacher_labels: torch.Tensor):
+        """The official preset re-derives both answer spans from the labels, as the released code."""
+        if self.config.kind == "mlot" and self.hparams.is_official:
+            return losses.official_spans(student_labels, teacher_labels, skip_student_eos=self.hparams.skip_student_eos)
+        return pairing
+
+    def reduce(self, teacher_logits: torch.Tensor, pairing):
         """Keep what the loss needs from ``[B, Tt, m]`` logits; the caller then drops them."""
         if self.config.kind == "mlot":
-            return losses.teacher_summary(teacher_logits, pairing, teacher_labels=teacher_labels,
-                                          preset=self.config.preset, **self.overrides)
+            return losses.teacher_summary(teacher_logits, pairing, preset=self.hparams)
         # ULD and MinED read only the paired rows: gather them into a compact [B, P, m] tensor.
         rows = pairing.teacher_index.unsqueeze(-1).expand(-1, -1, teacher_logits.shape[-1])
         return torch.gather(teacher_logits, 1, rows)
 
-    def terms(self, student_logits: torch.Tensor, student_labels: torch.Tensor, reduced, pairing: Pairing) -> dict:
+    def terms(self, student_logits: torch.Tensor, reduced, pairing) -> dict:
         """Loss term sums over this micro-batch (tensors), keyed like ``term_weights``."""
         if self.config.kind == "mlot":
-            out = losses.multilevel_ot_from_summary(student_logits, reduced, pairing,
-                                                    preset=self.config.preset, **self.overrides)
+            out = losses.multilevel_ot_from_summary(student_logits, reduced, pairing, preset=self.hparams)
             return {name: out[name] for name in self.term_weights}
         compact = Pairing(pairing.student_index, _arange_like(pairing.teacher_index), pairing.mask)
         if self.config.kind == "uld":
-            return {"uld": losses.uld_pairs(student_logits, reduced, compact)["uld"]}
+            return {"uld": losses.uld(student_logits, reduced, None, None, pairing=compact)["uld"]}
         return {"mined": losses.mined_kl(student_logits, reduced, compact, self.student_to_teacher)["mined"]}
 
 

@@ -148,12 +148,14 @@ class Trainer:
         skipped = False
         for batch in micro_batches:
             batch = batch.to(self.device)
-            reduced = {}
+            reduced, pairings = {}, {}
             for teacher in self.teachers:
                 inputs = batch.teachers[teacher.name]
                 logits = self.teachers.logits(teacher, inputs.input_ids, inputs.attention_mask)
-                reduced[teacher.name] = self.teacher_losses[teacher.name].reduce(
-                    logits, inputs.labels, batch.pairings[teacher.name])
+                teacher_loss = self.teacher_losses[teacher.name]
+                pairings[teacher.name] = teacher_loss.pairing_for(batch.pairings[teacher.name],
+                                                                  batch.student.labels, inputs.labels)
+                reduced[teacher.name] = teacher_loss.reduce(logits, pairings[teacher.name])
                 if self.recipe.weighting.mode == "dynamic":
                     gold = losses.masked_ce(logits, inputs.labels)
                     totals[f"_ce_sum/{teacher.name}"] += gold["ce"].detach().double().cpu()
@@ -168,7 +170,7 @@ class Trainer:
             for teacher in self.teachers:
                 name = teacher.name
                 teacher_loss = self.teacher_losses[name]
-                terms = teacher_loss.terms(student_logits, student.labels, reduced.pop(name), batch.pairings[name])
+                terms = teacher_loss.terms(student_logits, reduced.pop(name), pairings[name])
                 denominator = max(counts[f"{name}/{teacher_loss.denominator}"], 1)
                 kd = sum(teacher_loss.term_weights[t] * value for t, value in terms.items()) / denominator
                 loss = loss + weights[name] * kd
