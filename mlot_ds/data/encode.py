@@ -201,12 +201,17 @@ def pair_responses(
         axis=1,
     )
     fingerprint = _digest("pairs", PAIRS_FORMAT_VERSION, rule, student_fingerprint, teacher_fingerprint)
+    # The same tokenizer on both sides gives the same response tokens: pair them one to one, even
+    # where the byte spans are only known per character (a normalising or slow tokenizer).
+    same_tokenizer = tokenizer_fingerprint(student_tokenizer) == tokenizer_fingerprint(teacher_tokenizer)
 
     def pair(batch: dict) -> dict:
         out = {"pair_student": [], "pair_teacher": []}
         for row in range(len(batch["s_response_ids"])):
             if not batch["s_response_ids"][row] or not batch["t_response_ids"][row]:
                 pairs = []  # such a record is dropped; keep the row so indices stay aligned
+            elif same_tokenizer and batch["s_response_ids"][row] == batch["t_response_ids"][row]:
+                pairs = [(i, i) for i in range(len(batch["s_response_ids"][row]))]
             elif rule == "offsets":
                 pairs = offsets_pairs(
                     list(zip(batch["s_span_starts"][row], batch["s_span_ends"][row])),

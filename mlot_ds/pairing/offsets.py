@@ -14,7 +14,9 @@ later tokens' probabilities into the first row; we keep the plain first-token di
 is what MultiLevelOT's ranking and Sinkhorn terms expect: a probability vector.)
 
 Byte positions (not characters) make the rule exact on multi-byte characters: two byte-level
-tokenizers that both split ``世`` after its second byte share that cut.
+tokenizers that both split ``世`` after its second byte share that cut. (When the same tokenizer is
+on both sides, the data pipeline pairs the identical token sequences one to one without calling
+this rule, so ``offsets`` equals ``position`` there even where spans are only per character.)
 """
 
 from __future__ import annotations
