@@ -296,6 +296,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept what Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -128,6 +128,7 @@ def test_batch_keys_are_filled_from_the_recipe():
     assert config["optimizer"]["params"]["lr"] == 1e-4
     assert config["scheduler"]["params"]["total_num_steps"] == 100
     assert config["scheduler"]["params"]["warmup_num_steps"] == 5
+    assert config["scheduler"]["params"]["warmup_min_lr"] == 0.0
     assert config["bf16"]["enabled"] is False  # fp32 on the CPU
 
 

@@ -80,9 +80,12 @@ def student_ds_config(template: dict, recipe: Recipe, world_size: int, total_ste
         if kind == "WarmupDecayLR":
             _fill(config, "scheduler.params.total_num_steps", max(total_steps, 1), "the run's total steps", source)
         if kind in ("WarmupDecayLR", "WarmupLR", "WarmupCosineLR"):
-            _fill(config, "scheduler.params.warmup_num_steps", train.warmup_steps, "train.warmup_steps", source)
+            # DeepSpeed needs at least one warmup step; "no warmup" is one step that starts at lr.
+            _fill(config, "scheduler.params.warmup_num_steps", max(train.warmup_steps, 1), "train.warmup_steps", source)
         if kind in ("WarmupDecayLR", "WarmupLR"):
             _fill(config, "scheduler.params.warmup_max_lr", train.lr, "train.lr", source)
+            _fill(config, "scheduler.params.warmup_min_lr", 0.0 if train.warmup_steps else train.lr,
+                  "train.lr (no warmup) or 0", source)
     bf16 = config.setdefault("bf16", {})
     if bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = bf16_supported(device)

@@ -184,9 +184,10 @@ class Trainer:
                 loss = student_logits.sum() * 0.0
             totals["train/loss"] += loss.detach().double().cpu() if not skipped else 0.0
             self.student.backward(loss * scale)
-        if skipped:
-            self._suppress_update()
-        self.student.step()
+            if skipped and self.student.is_gradient_accumulation_boundary():
+                self._suppress_update()
+            # DeepSpeed counts micro-steps in step(); it updates only at the accumulation boundary.
+            self.student.step()
         return self._step_metrics(totals, counts, weights, skipped)
 
     def _suppress_update(self) -> None:
