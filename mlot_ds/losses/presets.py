@@ -50,9 +50,9 @@ class MlotPreset:
     differentiate_sinkhorn: bool = False
     std_eps: float | None = None
     skip_student_eos: bool = False
-    # Blocks of about 4 MB in float32: every intermediate stays in cache and no full-vocabulary
+    # Blocks of about 1 MB in float32: every intermediate stays in cache and no full-vocabulary
     # temporary of the whole batch is ever allocated (allocation, not arithmetic, dominates on CPU).
-    chunk_elements: int = 1 << 20
+    chunk_elements: int = 1 << 18
     rationale: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -62,6 +62,31 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def row_blocks(rows: torch.Tensor, block_rows: int) -> list[tuple[int, int, int | None]]:
+    """Split ``rows`` (sorted, distinct) into blocks of at most ``block_rows`` rows.
+
+    Returns ``(start, stop, first_row)`` triples; ``first_row`` is set when the block's rows are
+    consecutive, so it can be read as a slice (a view, no copy) instead of gathered.
+    """
+    block_rows = max(1, block_rows)
+    values = rows.tolist()
+    breaks = [i for i in range(1, len(values)) if values[i] != values[i - 1] + 1]
+    runs = list(zip([0] + breaks, breaks + [len(values)]))
+    if values and len(values) / len(runs) < 4:  # scattered rows: gather them in full blocks
+        return [(a, min(a + block_rows, len(values)), None) for a in range(0, len(values), block_rows)]
+    blocks = []
+    for run_start, run_stop in runs:
+        for a in range(run_start, run_stop, block_rows):
+            blocks.append((a, min(a + block_rows, run_stop), values[a]))
+    return blocks
+
+
+def _read_block(logits2d, rows, start, stop, first_row, dtype) -> torch.Tensor:
+    if first_row is None:
+        return logits2d.index_select(0, rows[start:stop]).to(dtype)
+    return logits2d[first_row : first_row + stop - start].to(dtype)
+
+
 def row_statistics(
     logits2d: torch.Tensor,
     row_set: RowSet,
@@ -87,10 +112,8 @@ def row_statistics(
     count = row_set.rows.numel()
     lse = torch.empty(len(inv_temperatures), count, dtype=dtype, device=logits2d.device)
     sums = torch.zeros(len(inv_temperatures), batch, vocab, dtype=dtype, device=logits2d.device)
-    block = max(1, chunk_elements // vocab)
-    for start in range(0, count, block):
-        stop = min(start + block, count)
-        z = logits2d.index_select(0, row_set.rows[start:stop]).to(dtype)
+    for start, stop, first_row in row_blocks(row_set.rows, chunk_elements // vocab):
+        z = _read_block(logits2d, row_set.rows, start, stop, first_row, dtype)
         z_max = z.amax(dim=1, keepdim=True)
         # weights[b, r] = number of pairs of sequence b at row r; folding 1/rowsum into it turns the
         # per-sequence sum of normalised rows into a single [B, rows] x [rows, V] product.
@@ -169,16 +192,17 @@ class StudentTopK(torch.autograd.Function):
         untouched = torch.ones(batch * seq_len, dtype=torch.bool, device=logits.device)
         untouched[row_set.rows] = False
         grad2d[untouched] = 0
-        block = max(1, ctx.chunk_elements // vocab)
-        for start in range(0, row_set.rows.numel(), block):
-            stop = min(start + block, row_set.rows.numel())
-            z = logits2d.index_select(0, row_set.rows[start:stop]).to(dtype)
+        for start, stop, first_row in row_blocks(row_set.rows, ctx.chunk_elements // vocab):
+            z = _read_block(logits2d, row_set.rows, start, stop, first_row, dtype)
             grad_block = None
             for group, inv_t in enumerate(inv_temperatures):
                 probs = torch.add(-lse[group, start:stop].unsqueeze(1), z, alpha=inv_t).exp_()
                 coefficient = dense[group, start:stop].unsqueeze(1)
                 grad_block = probs.mul_(coefficient) if grad_block is None else grad_block.addcmul_(probs, coefficient)
-            grad2d.index_copy_(0, row_set.rows[start:stop], grad_block.to(grad2d.dtype))
+            if first_row is None:
+                grad2d.index_copy_(0, row_set.rows[start:stop], grad_block.to(grad2d.dtype))
+            else:
+                grad2d[first_row : first_row + stop - start].copy_(grad_block)
 
         # Sparse parts: +grad/tau at the ranked ids, and -grad_ce at the CE targets.
         if grad_log_probs is not None:
