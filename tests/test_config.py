@@ -185,3 +185,50 @@ def test_teacher_config_has_no_optimizer_and_offloads_only_when_asked():
 def test_missing_recipe_file_is_a_clear_error(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+# ------------------------------------------------------------------- dry runs against real tokenizers
+
+
+@pytest.fixture
+def tiny_zoo_env(tiny_zoo, monkeypatch):
+    monkeypatch.setenv("MLOT_DS_CACHE", str(tiny_zoo))
+    return tiny_zoo
+
+
+def test_dry_run_loads_every_tokenizer_of_the_tiny_zoo(tiny_zoo_env, capsys):
+    assert cli_main(["--config", str(ZERO3), "--dry-run", "zoo.profile=tiny"]) == 0
+    assert "dry run OK" in capsys.readouterr().out
+
+
+def test_dry_run_rejects_a_chat_template_the_tokenizer_does_not_have(tiny_zoo_env, capsys):
+    from mlot_ds.zoo import ZooSettings, zoo_member_path
+    from transformers import AutoTokenizer
+
+    kinds = {}
+    for member, name in (("teacher-llama", "llama"), ("teacher-qwen", "qwen"), ("teacher-opt", "opt")):
+        tok = AutoTokenizer.from_pretrained(zoo_member_path(member, ZooSettings(profile="tiny"), tiny_zoo_env))
+        kinds[name] = bool(getattr(tok, "chat_template", None))
+    without = [name for name, has in kinds.items() if not has]
+    if not without:
+        pytest.skip("every tiny-zoo teacher has a chat template")
+    name = without[0]
+    code = cli_main(["--config", str(ZERO3), "--dry-run", "zoo.profile=tiny", f"teachers.{name}.template.kind=chat"])
+    err = capsys.readouterr().err
+    assert code == 2 and "template.kind: 'chat' but the tokenizer has no chat template" in err
+
+
+def test_dry_run_rejects_a_tokenizer_larger_than_the_model(tiny_zoo_env, tmp_path, capsys):
+    # The student's tokenizer paired with a model that has fewer embedding rows than tokens.
+    from mlot_ds.zoo import ZooSettings, zoo_member_path
+
+    student = zoo_member_path("student", ZooSettings(profile="tiny"), tiny_zoo_env)
+    small = tmp_path / "small-model"
+    small.mkdir()
+    config = json.loads((student / "config.json").read_text())
+    config["vocab_size"] = 8
+    (small / "config.json").write_text(json.dumps(config))
+    code = cli_main(["--config", str(ZERO3), "--dry-run", "zoo.profile=tiny", f"student.model={small}",
+                     f"student.tokenizer={student}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "student.tokenizer" in err and "embedding rows" in err

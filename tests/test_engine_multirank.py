@@ -38,7 +38,8 @@ def metrics(output_dir: Path) -> dict[int, dict]:
     rows = {}
     for line in (output_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows[row["step"]] = row  # a resumed run rewrites later steps; keep the newest
+        # A resumed run rewrites later steps, and evaluation adds rows: the newest value wins.
+        rows.setdefault(row["step"], {}).update(row)
     return rows
 
 
@@ -243,3 +244,51 @@ def test_a_rank_that_raises_ends_the_job(runs, tiny_zoo, tmp_path):
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.log_text
     assert time.time() - started < 400
+
+
+def test_mixed_losses_placements_dynamic_weights_and_nonfinite_skips(tmp_path, tiny_zoo):
+    """One 2-rank job exercising the rest of the recipe surface:
+    llama: MinED loss over dtw pairing, replicated; qwen: MultiLevelOT `official` preset, parameters
+    offloaded; opt: ULD over position pairing; dynamic weights. Rank 1 alone produces a NaN loss in
+    step 2 (skipped on both ranks) and again from step 4 on, so the run aborts after 2 consecutive
+    skips with a clear message."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch\n"
+        "    import mlot_ds.engine.trainer as t\n"
+        "    original = t.Trainer.train_step\n"
+        "    def poisoned(self, step):\n"
+        "        if step in (1, 3, 4, 5):\n"
+        "            self.recipe.train.ce_weight = float('nan')\n"
+        "        try:\n"
+        "            return original(self, step)\n"
+        "        finally:\n"
+        "            self.recipe.train.ce_weight = 1.0\n"
+        "    t.Trainer.train_step = poisoned\n"
+    )
+    out = tmp_path / "mixed"
+    overrides = tiny_recipe_overrides(out, **{
+        "teachers.llama.pairing": "dtw", "teachers.llama.loss.kind": "mined", "teachers.llama.placement": "replicate",
+        "teachers.qwen.pairing": "position", "teachers.qwen.loss.preset": "official",
+        "teachers.qwen.placement": "offload",
+        "teachers.opt.pairing": "position", "teachers.opt.loss.kind": "uld",
+        "weighting.mode": "dynamic", "weighting.temperature": 0.5, "train.max_consecutive_skips": 2,
+        "export.enabled": "false", "data.eval": "null",
+    })
+    env = job_env(tiny_zoo, PYTHONPATH=f"{hook}{os.pathsep}{REPO}")
+    result = run_job(deepspeed_command(2, ["--config", ZERO3, *overrides], free_port()), env, tmp_path / "mixed.log")
+    assert result.returncode != 0
+    assert "2 consecutive steps had a non-finite loss" in result.log_text
+    rows = metrics(out)
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert [rows[s]["train/skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 2]
+    for step in (1, 3):
+        assert rows[step]["teacher/llama/mined"] > 0
+        assert rows[step]["teacher/opt/uld"] > 0
+        assert all(rows[step][f"teacher/qwen/{term}"] > 0 for term in ("had", "sl", "sd"))
+    weights = [[rows[s][f"teacher/{t}/weight"] for t in TEACHERS] for s in (1, 3)]
+    assert weights[0] == pytest.approx([1 / 3] * 3)  # step 1: normalised priors
+    assert sum(weights[1]) == pytest.approx(1.0) and weights[1] != pytest.approx([1 / 3] * 3)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     dist.init(recipe.train.dist_timeout_s)
-    from mlot_ds.engine.trainer import Trainer
+    from mlot_ds.engine.trainer import NonFiniteLossError, Trainer
 
     started = time.time()
     try:
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
     except bad_input as exc:
         dist.fail(str(exc))
-    trainer.train()
+    try:
+        trainer.train()
+    except NonFiniteLossError as exc:
+        trainer.cleanup()
+        dist.fail(str(exc), code=1)
     trainer.save()
     results = inputs.evaluate(trainer) if inputs.eval_records else {}
     if results:
