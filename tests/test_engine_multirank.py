@@ -292,3 +292,22 @@ def test_mixed_losses_placements_dynamic_weights_and_nonfinite_skips(tmp_path, t
     weights = [[rows[s][f"teacher/{t}/weight"] for t in TEACHERS] for s in (1, 3)]
     assert weights[0] == pytest.approx([1 / 3] * 3)  # step 1: normalised priors
     assert sum(weights[1]) == pytest.approx(1.0) and weights[1] != pytest.approx([1 / 3] * 3)
+
+
+def test_export_tool_consolidates_a_checkpoint_equal_to_the_in_run_export(runs, tiny_zoo, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "exported"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(runs["two"] / "checkpoints"),
+                             str(out)], env=job_env(tiny_zoo), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step_00000006" in result.stdout
+    in_run = load_file(runs["two"] / "export" / "model.safetensors")
+    offline = load_file(out / "model.safetensors")
+    assert in_run.keys() == offline.keys()
+    for name in in_run:
+        assert torch.equal(in_run[name], offline[name]), name
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(tmp_path / "missing"),
+                          str(tmp_path / "x")], env=job_env(tiny_zoo), cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a complete checkpoint" in bad.stderr

@@ -131,6 +131,28 @@ def check_manifest(saved: dict, current: dict, folder: Path, allow_change: bool)
                 )
 
 
+def check_compatible(folder: Path, manifest: dict, allow_teacher_change: bool, world_size: int,
+                     steps_per_epoch: int) -> None:
+    """Everything that can be checked before DeepSpeed touches the checkpoint, with clear errors."""
+    for name in (COMPLETE, "trainer_state.json", "teachers.json"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: not a complete checkpoint (no {name})")
+    check_manifest(json.loads((folder / "teachers.json").read_text()), manifest, folder, allow_teacher_change)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    saved_world = state.get("world_size", world_size)
+    if saved_world != world_size:
+        raise CheckpointError(
+            f"{folder}: saved by {saved_world} ranks, this run has {world_size}. ZeRO-3 optimizer shards "
+            f"cannot be re-partitioned on load: resume with {saved_world} ranks, or convert the checkpoint "
+            f"with DeepSpeed's universal-checkpoint tool (deepspeed.checkpoint.ds_to_universal) first"
+        )
+    if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise CheckpointError(
+            f"{folder}: saved with {state['steps_per_epoch']} steps per epoch, this run has {steps_per_epoch} "
+            f"(different data or batch size): the data position cannot be restored"
+        )
+
+
 def load(engine, folder: Path) -> dict:
     """Collective: load the student engine and this rank's RNG; return the trainer state."""
     if not (folder / COMPLETE).is_file():

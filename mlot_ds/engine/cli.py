@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     dist.map_slurm_environment()
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    bad_input = (RecipeError, DeepSpeedConfigError, ModelLoadError, FileNotFoundError)
+    from mlot_ds.data import DataError
+    from mlot_ds.engine.checkpoint import CheckpointError
+
+    bad_input = (RecipeError, DeepSpeedConfigError, ModelLoadError, FileNotFoundError, DataError, CheckpointError)
     try:
         recipe = load_recipe(args.recipe, overrides)
         ds_template = read_ds_config(args.config)

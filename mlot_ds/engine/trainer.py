@@ -17,7 +17,6 @@ is therefore the same whatever the world size or accumulation split.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections import defaultdict
@@ -106,8 +105,8 @@ class Trainer:
         folder = checkpoint.find_latest(self.checkpoint_dir) if mode == "auto" else Path(mode)
         if folder is None:
             return
-        saved_manifest = json.loads((folder / "teachers.json").read_text())
-        checkpoint.check_manifest(saved_manifest, self.manifest, folder, self.recipe.train.allow_teacher_change)
+        checkpoint.check_compatible(folder, self.manifest, self.recipe.train.allow_teacher_change,
+                                    self.world, self.data.steps_per_epoch)
         state = checkpoint.load(self.student, folder)
         self.global_step = int(state["global_step"])
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
@@ -227,7 +226,7 @@ class Trainer:
     def save(self) -> Path:
         state = {"global_step": self.global_step, "consecutive_skips": self.consecutive_skips,
                  "skipped_steps": self.skipped_steps, "weights": self.weights.state_dict(),
-                 "steps_per_epoch": self.data.steps_per_epoch}
+                 "steps_per_epoch": self.data.steps_per_epoch, "world_size": self.world}
         folder = checkpoint.save(self.student, self.checkpoint_dir, self.global_step, state, self.recipe_yaml,
                                  self.manifest, self.recipe.train.keep_last)
         self.log.message(f"checkpoint: {folder}")
