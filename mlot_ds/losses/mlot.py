@@ -37,8 +37,10 @@ class TeacherSummary(NamedTuple):
         temperatures: the ``G`` distinct temperatures, ascending (official: the span softmax only).
         indices: ``[G, B, k]`` long, teacher vocabulary ids ranked by the sequence-summed
             probabilities (official: by the batch-summed ones, the same row for every ``b``).
-        values: ``[G, B, P, k]`` float32, ``t^k`` of every pair (0 on padded pairs). Official: the
-            teacher's whole answer span, ``P`` = longest teacher span.
+        values: ``[G, B, P, k]`` float32 (float64 for float64 logits), ``t^k`` of every pair (0 on
+            padded pairs). Official: the teacher's whole answer span, ``P`` = longest teacher span.
+
+    A cache can store it as is; nothing in it refers back to the teacher's logits.
     """
 
     temperatures: tuple[float, ...]

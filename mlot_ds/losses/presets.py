@@ -85,6 +85,12 @@ PAPER = MlotPreset(
     normalize_by="tokens",
     rationale="""The paper's equations (7)-(21) as written, made exact where the paper leaves room.
 
+Per sequence, on the paired tokens only: each side ranked by its own sequence-summed probabilities
+at each term's temperature (HAD at 1, SL at tau_SL = 1, SD at tau_SD = 2), top k = 50, no
+renormalisation; SL = -t log s; SD on the n x n cost of the paired tokens with N = 20 row-then-column
+normalisations of exp(-C / 0.1) (run in the log domain), plan held fixed in the backward pass.
+The default preset computes exactly the same terms; only the weights differ.
+
 Weights are eq. (21)'s alpha = 0.15, alpha*beta and alpha*gamma with beta = gamma = 0.1. Eq. (21)
 sums CE and the three terms over the same tokens; dividing both by the token count (the engine's
 ``normalize_by="tokens"``) changes the effective learning rate only, not the balance of the terms.

@@ -122,6 +122,13 @@ def row_statistics(
             start:stop
         ].to(dtype)
         for group, inv_t in enumerate(inv_temperatures):
+            if inv_t == 1.0:
+                # One fused kernel; the normaliser follows from the largest probability, which is
+                # at least 1 / V, so its log is exact to float precision.
+                probs = torch.softmax(z, dim=1)
+                lse[group, start:stop] = z_max.squeeze(1) - probs.amax(dim=1).log()
+                sums[group].addmm_(weights, probs)
+                continue
             scaled = torch.add(z_max * -inv_t, z, alpha=inv_t).exp_()  # exp((z - max) / tau)
             row_sum = scaled.sum(dim=1)
             lse[group, start:stop] = z_max.squeeze(1) * inv_t + row_sum.log()
@@ -194,15 +201,25 @@ class StudentTopK(torch.autograd.Function):
         grad2d[untouched] = 0
         for start, stop, first_row in row_blocks(row_set.rows, ctx.chunk_elements // vocab):
             z = _read_block(logits2d, row_set.rows, start, stop, first_row, dtype)
-            grad_block = None
+            # Contiguous rows are written straight into the gradient (no block copy).
+            direct = first_row is not None and grad2d.dtype == dtype
+            target = grad2d[first_row : first_row + stop - start] if direct else None
             for group, inv_t in enumerate(inv_temperatures):
-                probs = torch.add(-lse[group, start:stop].unsqueeze(1), z, alpha=inv_t).exp_()
+                if inv_t == 1.0:
+                    probs = torch.softmax(z, dim=1)
+                else:
+                    probs = torch.add(-lse[group, start:stop].unsqueeze(1), z, alpha=inv_t).exp_()
                 coefficient = dense[group, start:stop].unsqueeze(1)
-                grad_block = probs.mul_(coefficient) if grad_block is None else grad_block.addcmul_(probs, coefficient)
+                if target is None:
+                    target = probs.mul_(coefficient)
+                elif group == 0 and direct:
+                    torch.mul(probs, coefficient, out=target)
+                else:
+                    target.addcmul_(probs, coefficient)
             if first_row is None:
-                grad2d.index_copy_(0, row_set.rows[start:stop], grad_block.to(grad2d.dtype))
-            else:
-                grad2d[first_row : first_row + stop - start].copy_(grad_block)
+                grad2d.index_copy_(0, row_set.rows[start:stop], target.to(grad2d.dtype))
+            elif not direct:
+                grad2d[first_row : first_row + stop - start].copy_(target)
 
         # Sparse parts: +grad/tau at the ranked ids, and -grad_ce at the CE targets.
         if grad_log_probs is not None:
