@@ -213,3 +213,37 @@ def test_compose():
         compose(terms_, {"had": 1.0}, 1)
     zero, _ = compose({"had": torch.tensor(0.0)}, {"had": 1.0}, 0)
     assert zero.item() == 0.0
+
+
+def test_non_contiguous_logits_give_the_same_terms_and_gradient():
+    student, teacher, s_labels, t_labels = batch(14)
+    wide = torch.cat([student, torch.randn(3, 2, student.shape[2], dtype=student.dtype)], dim=1).requires_grad_()
+    view = wide.transpose(0, 1).transpose(0, 1)[:, : student.shape[1]]  # a strided view
+    dense = student.clone().requires_grad_()
+    a = multilevel_ot(view, teacher, s_labels, t_labels, with_ce=True, **SMALL)
+    b = multilevel_ot(dense, teacher, s_labels, t_labels, with_ce=True, **SMALL)
+    torch.testing.assert_close(terms(a), terms(b))
+    sum(a[name] for name in (*TERMS, "ce")).backward()
+    sum(b[name] for name in (*TERMS, "ce")).backward()
+    torch.testing.assert_close(wide.grad[:, : student.shape[1]], dense.grad)
+    assert (wide.grad[:, student.shape[1] :] == 0).all()
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_block_size_changes_nothing(scattered):
+    """Blocks of one row, of several rows, contiguous (views) or scattered (gathered)."""
+    student, teacher, s_labels, t_labels = batch(15)
+    pairing = position_pairing(s_labels, t_labels)
+    if scattered:
+        from mlot_ds.pairing import pack_pairs
+
+        pairing = pack_pairs([[(0, 1), (3, 2), (7, 9)], [(2, 0), (5, 5), (9, 3)], [(1, 1), (8, 4), (4, 7)]])
+    results = []
+    for chunk in (1, 5 * student.shape[2], None):
+        logits = student.clone().requires_grad_()
+        out = multilevel_ot(logits, teacher, s_labels, t_labels, pairing=pairing, with_ce=True, chunk_elements=chunk, **SMALL)
+        sum(out[name] for name in (*TERMS, "ce")).backward()
+        results.append((terms(out).detach(), out["ce"].detach(), logits.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -34,7 +34,8 @@ class MlotPreset:
         normalize_by: result key whose global count divides the weighted sum.
         std_eps: official only: logits are divided by ``std_over_vocab + std_eps`` before the softmax.
         skip_student_eos: official only: drop the last distilled student token of each sequence.
-        chunk_elements: rows are processed in blocks of about this many logits (speed only).
+        chunk_elements: rows are processed in blocks of about this many logits (speed only);
+            ``None`` picks a size per device (see :func:`mlot_ds.losses.ranking.block_elements`).
         rationale: why the preset is what it is: its docstring, readable as ``PRESETS[name].rationale``.
     """
 
@@ -50,9 +51,7 @@ class MlotPreset:
     differentiate_sinkhorn: bool = False
     std_eps: float | None = None
     skip_student_eos: bool = False
-    # Blocks of about 1 MB in float32: every intermediate stays in cache and no full-vocabulary
-    # temporary of the whole batch is ever allocated (allocation, not arithmetic, dominates on CPU).
-    chunk_elements: int = 1 << 18
+    chunk_elements: int | None = None
     rationale: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,7 +60,7 @@ class MlotPreset:
         object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
         if self.normalize_by not in NORMALIZATION_BASES:
             raise ValueError(f"preset {self.name!r}: normalize_by must be one of {NORMALIZATION_BASES}")
-        for name in ("k", "sinkhorn_iters", "chunk_elements"):
+        for name in ("k", "sinkhorn_iters") + (("chunk_elements",) if self.chunk_elements is not None else ()):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"preset {self.name!r}: {name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("tau_had", "tau_sl", "tau_sd", "sinkhorn_lambda"):

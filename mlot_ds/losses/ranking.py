@@ -57,6 +57,20 @@ def build_row_set(
     return RowSet(rows, torch.div(rows, seq_len, rounding_mode="floor"), pair_weight, pair_slot, pair_sequence)
 
 
+# CPU: blocks of 1 MB in float32 keep every intermediate in cache, and no full-vocabulary temporary
+# of the whole batch is allocated (fresh allocations, not arithmetic, dominate there). Accelerators:
+# large blocks, because every block costs a dozen kernel launches.
+_CPU_BLOCK_ELEMENTS = 1 << 18
+_ACCELERATOR_BLOCK_ELEMENTS = 1 << 26
+
+
+def block_elements(chunk_elements: int | None, device: torch.device) -> int:
+    """The block size to use: ``chunk_elements`` if given, else a per-device default."""
+    if chunk_elements is not None:
+        return chunk_elements
+    return _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
+
+
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """float32 for bf16/fp16/fp32 logits, float64 for float64 (used by gradcheck)."""
     return torch.promote_types(dtype, torch.float32)
@@ -92,7 +106,7 @@ def row_statistics(
     row_set: RowSet,
     batch: int,
     inv_temperatures: tuple[float, ...],
-    chunk_elements: int,
+    chunk_elements: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-normalisers and per-sequence probability sums of the rows of ``row_set``.
 
@@ -101,7 +115,7 @@ def row_statistics(
         row_set: the rows to visit; ``pair_weight`` weights each row's contribution to the sums.
         batch: ``B``.
         inv_temperatures: ``1 / tau`` for each of the ``G`` temperatures.
-        chunk_elements: block size in logits.
+        chunk_elements: block size in logits (``None``: :func:`block_elements`).
 
     Returns:
         ``lse [G, R]`` with ``lse[g, r] = logsumexp(z_r / tau_g)``, and ``sums [G, B, V]`` with
@@ -112,7 +126,8 @@ def row_statistics(
     count = row_set.rows.numel()
     lse = torch.empty(len(inv_temperatures), count, dtype=dtype, device=logits2d.device)
     sums = torch.zeros(len(inv_temperatures), batch, vocab, dtype=dtype, device=logits2d.device)
-    for start, stop, first_row in row_blocks(row_set.rows, chunk_elements // vocab):
+    block = block_elements(chunk_elements, logits2d.device)
+    for start, stop, first_row in row_blocks(row_set.rows, block // vocab):
         z = _read_block(logits2d, row_set.rows, start, stop, first_row, dtype)
         z_max = z.amax(dim=1, keepdim=True)
         # weights[b, r] = number of pairs of sequence b at row r; folding 1/rowsum into it turns the
@@ -195,11 +210,12 @@ class StudentTopK(torch.autograd.Function):
         if grad_ce is not None and ce_slot.numel():
             dense[0].index_add_(0, ce_slot, grad_ce.to(dtype).expand(ce_slot.numel()))
 
-        grad2d = torch.empty_like(logits2d)
+        grad2d = torch.empty(logits2d.shape, dtype=logits.dtype, device=logits.device)
         untouched = torch.ones(batch * seq_len, dtype=torch.bool, device=logits.device)
         untouched[row_set.rows] = False
         grad2d[untouched] = 0
-        for start, stop, first_row in row_blocks(row_set.rows, ctx.chunk_elements // vocab):
+        block = block_elements(ctx.chunk_elements, logits.device)
+        for start, stop, first_row in row_blocks(row_set.rows, block // vocab):
             z = _read_block(logits2d, row_set.rows, start, stop, first_row, dtype)
             # Contiguous rows are written straight into the gradient (no block copy).
             direct = first_row is not None and grad2d.dtype == dtype
