@@ -1,0 +1,193 @@
+"""What the zoo is made of: members, profiles and the settings that key its cache.
+
+Every number that changes an artefact lives here, in a profile (``default``: the real build, a few
+minutes on 2 CPU cores; ``tiny``: seconds, for tests). :class:`ZooSettings` picks a profile and may
+override any field; :meth:`ZooSettings.fingerprint` hashes the *resolved* values, so spelling out a
+profile's own default does not change the cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MEMBERS: tuple[str, ...] = ("teacher-llama", "teacher-qwen", "teacher-opt", "student")
+TEACHERS: tuple[str, ...] = MEMBERS[:3]
+STUDENT = "student"
+
+# Bump when the build code changes what it writes, so that old caches are not reused.
+ZOO_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """Size and training of one member. The architecture and tokenizer family are fixed per member."""
+
+    vocab_size: int
+    """Tokenizer vocabulary, special tokens included (teacher-qwen's model pads its embedding beyond)."""
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    pretrain_steps: int
+    """Causal-LM steps on packed blocks of dialogues and summaries."""
+    tune_steps: int
+    """Task-tuning steps (loss on summary + EOS only); 0 for the student."""
+    pretrain_learning_rate: float
+    tune_learning_rate: float
+    data_fraction: float
+    """Share of the build's train dialogues this member sees (a seeded subset per member), so that
+    teachers differ in data as well as in seed and size."""
+
+
+@dataclass(frozen=True)
+class ZooProfile:
+    context_length: int
+    """Maximum positions of every model; longer tuning prompts are cut from the left."""
+    block_length: int
+    """Tokens per pretraining block."""
+    batch_size: int
+    train_dialogues: int
+    """How many bundled train dialogues the build uses (tokenizers, pretraining, tuning)."""
+    eval_dialogues: int
+    """How many bundled test dialogues (each with 3 references) the report's bits-per-byte uses."""
+    warmup_fraction: float
+    members: Mapping[str, MemberSpec]
+
+
+def _spec(vocab, hidden, layers, heads, intermediate, pretrain, tune, fraction) -> MemberSpec:
+    return MemberSpec(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        pretrain_steps=pretrain,
+        tune_steps=tune,
+        pretrain_learning_rate=3e-3,
+        tune_learning_rate=1e-3,
+        data_fraction=fraction,
+    )
+
+
+# Teachers differ in seed, width, tokenizer and data subset; the student is the smallest and is
+# only pretrained. The default sizes keep the whole build near 2-3 minutes on 2 CPU cores.
+PROFILES: dict[str, ZooProfile] = {
+    "default": ZooProfile(
+        context_length=512,
+        block_length=256,
+        batch_size=8,
+        train_dialogues=2000,
+        eval_dialogues=100,
+        warmup_fraction=0.1,
+        members={
+            #                      vocab hidden layers heads inter pretrain tune fraction
+            "teacher-llama": _spec(3000, 128, 2, 4, 352, 150, 120, 1.0),
+            "teacher-qwen": _spec(2400, 128, 2, 4, 320, 150, 120, 0.85),
+            "teacher-opt": _spec(2000, 144, 2, 4, 384, 150, 120, 0.85),
+            "student": _spec(1600, 96, 2, 4, 256, 80, 0, 1.0),
+        },
+    ),
+    "tiny": ZooProfile(
+        context_length=384,
+        block_length=64,
+        batch_size=4,
+        train_dialogues=200,
+        eval_dialogues=4,
+        warmup_fraction=0.1,
+        members={
+            "teacher-llama": _spec(420, 32, 1, 2, 64, 4, 3, 1.0),
+            "teacher-qwen": _spec(380, 32, 1, 2, 64, 4, 3, 0.85),
+            "teacher-opt": _spec(340, 32, 1, 2, 64, 4, 3, 0.85),
+            "student": _spec(300, 16, 1, 2, 32, 4, 0, 1.0),
+        },
+    ),
+}
+
+_PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(ZooProfile) if f.name != "members")
+_MEMBER_FIELDS = tuple(f.name for f in dataclasses.fields(MemberSpec))
+
+
+@dataclass(frozen=True)
+class ZooSettings:
+    """Every knob that changes the zoo's artefacts. ``None`` means "the profile's value".
+
+    ``members`` overrides per-member fields, e.g. ``{"student": {"hidden_size": 128}}``; it is stored
+    as sorted tuples so that settings stay hashable and comparable.
+    """
+
+    profile: str = "default"
+    seed: int = 0
+    context_length: int | None = None
+    block_length: int | None = None
+    batch_size: int | None = None
+    train_dialogues: int | None = None
+    eval_dialogues: int | None = None
+    warmup_fraction: float | None = None
+    members: Any = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"ZooSettings.profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
+        overrides = self.members.items() if isinstance(self.members, Mapping) else self.members
+        normalised = []
+        for member, fields in overrides:
+            if member not in MEMBERS:
+                raise ValueError(f"ZooSettings.members: unknown member {member!r}; expected one of {MEMBERS}")
+            items = fields.items() if isinstance(fields, Mapping) else fields
+            for name, _ in items:
+                if name not in _MEMBER_FIELDS:
+                    raise ValueError(f"ZooSettings.members[{member!r}]: unknown field {name!r}; expected one of {_MEMBER_FIELDS}")
+            normalised.append((member, tuple(sorted(items))))
+        object.__setattr__(self, "members", tuple(sorted(normalised)))
+        resolved = self.resolved()
+        for name in ("context_length", "block_length", "batch_size", "train_dialogues", "eval_dialogues"):
+            if int(getattr(resolved, name)) < 1:
+                raise ValueError(f"ZooSettings.{name} must be a positive integer, got {getattr(resolved, name)!r}")
+        if resolved.block_length > resolved.context_length:
+            raise ValueError(
+                f"ZooSettings.block_length ({resolved.block_length}) must not exceed context_length ({resolved.context_length})"
+            )
+        for member, spec in resolved.members.items():
+            if not 0.0 < spec.data_fraction <= 1.0:
+                raise ValueError(f"ZooSettings.members[{member!r}].data_fraction must be in (0, 1], got {spec.data_fraction}")
+            if spec.hidden_size % spec.num_heads:
+                raise ValueError(
+                    f"ZooSettings.members[{member!r}]: hidden_size {spec.hidden_size} is not divisible by num_heads {spec.num_heads}"
+                )
+
+    def resolved(self) -> ZooProfile:
+        """The profile with every override applied."""
+        base = PROFILES[self.profile]
+        globals_ = {name: getattr(self, name) for name in _PROFILE_FIELDS if getattr(self, name) is not None}
+        overrides = dict(self.members)
+        members = {
+            name: dataclasses.replace(spec, **dict(overrides.get(name, ()))) for name, spec in base.members.items()
+        }
+        return dataclasses.replace(base, members=members, **globals_)
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved settings and the build format: the cache key."""
+        resolved = self.resolved()
+        payload = {
+            "format": ZOO_FORMAT_VERSION,
+            "seed": self.seed,
+            **{name: getattr(resolved, name) for name in _PROFILE_FIELDS},
+            "members": {name: dataclasses.asdict(spec) for name, spec in sorted(resolved.members.items())},
+        }
+        text = json.dumps(payload, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """The resolved settings as plain JSON data (written into report.json)."""
+        resolved = self.resolved()
+        return {
+            "profile": self.profile,
+            "seed": self.seed,
+            **{name: getattr(resolved, name) for name in _PROFILE_FIELDS},
+            "members": {name: dataclasses.asdict(spec) for name, spec in resolved.members.items()},
+        }
