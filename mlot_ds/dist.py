@@ -103,12 +103,21 @@ def rank0_then_barrier(work: Callable[[], T]) -> T | None:
     return result
 
 
+def _collective_device() -> torch.device:
+    """Where the backend reduces: the CPU for gloo, the accelerator for NCCL and friends."""
+    if world_size() > 1 and torch_dist.get_backend() != "gloo":
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a float64 tensor over ranks (returns a new tensor; gloo needs it on the CPU)."""
-    reduced = values.detach().to("cpu", torch.float64).clone()
+    """Sum a tensor over ranks in float64; returns a new CPU tensor."""
+    reduced = values.detach().to(_collective_device(), torch.float64).clone()
     if world_size() > 1:
         torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.SUM)
-    return reduced
+    return reduced.cpu()
 
 
 def any_rank(flag: bool) -> bool:

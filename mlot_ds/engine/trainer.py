@@ -143,7 +143,8 @@ class Trainer:
         counts = self.data.global_counts(epoch, index)
         scale = self.world * self.recipe.train.grad_accum
         weights = dict(self.weights.current)
-        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        # Metric sums stay on the device (float32) until one transfer at the end of the step.
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         skipped = False
         for batch in micro_batches:
             batch = batch.to(self.device)
@@ -157,7 +158,7 @@ class Trainer:
                 reduced[teacher.name] = teacher_loss.reduce(logits, pairings[teacher.name])
                 if self.recipe.weighting.mode == "dynamic":
                     gold = losses.masked_ce(logits, inputs.labels)
-                    totals[f"_ce_sum/{teacher.name}"] += gold["ce"].detach().double().cpu()
+                    totals[f"_ce_sum/{teacher.name}"] += gold["ce"].detach().float()
                     totals[f"_ce_tokens/{teacher.name}"] += float(gold["tokens"])
                 del logits
             student = batch.student
@@ -165,7 +166,7 @@ class Trainer:
                                           use_cache=False).logits
             ce = losses.masked_ce(student_logits, student.labels)["ce"] / max(counts["student_tokens"], 1)
             loss = self.recipe.train.ce_weight * ce
-            totals["train/ce"] += ce.detach().double().cpu()
+            totals["train/ce"] += ce.detach().float()
             for teacher in self.teachers:
                 name = teacher.name
                 teacher_loss = self.teacher_losses[name]
@@ -173,15 +174,16 @@ class Trainer:
                 denominator = max(counts[f"{name}/{teacher_loss.denominator}"], 1)
                 kd = sum(teacher_loss.term_weights[t] * value for t, value in terms.items()) / denominator
                 loss = loss + weights[name] * kd
-                totals[f"teacher/{name}/kd"] += kd.detach().double().cpu()
+                totals[f"teacher/{name}/kd"] += kd.detach().float()
                 for term, value in terms.items():
-                    totals[f"teacher/{name}/{term}"] += (value.detach().double() / denominator).cpu()
+                    totals[f"teacher/{name}/{term}"] += value.detach().float() / denominator
             if dist.any_rank(not bool(torch.isfinite(loss.detach()))):
                 skipped = True
                 # Zero gradient that still walks the whole graph, so every rank runs the same
                 # backward collectives; the update itself is suppressed below.
                 loss = student_logits.sum() * 0.0
-            totals["train/loss"] += loss.detach().double().cpu() if not skipped else 0.0
+            if not skipped:
+                totals["train/loss"] += loss.detach().float()
             self.student.backward(loss * scale)
             if skipped and self.student.is_gradient_accumulation_boundary():
                 self._suppress_update()
