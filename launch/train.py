@@ -7,7 +7,12 @@ as a plain ``python launch/train.py ...`` single process. See ``--help``.
 
 import sys
 
-from mlot_ds.engine.cli import main
+from mlot_ds.engine.signals import install_stop_handlers
+
+# Before the slow imports below: a SIGUSR1/SIGTERM that arrives while torch loads must not kill us.
+install_stop_handlers()
+
+from mlot_ds.engine.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

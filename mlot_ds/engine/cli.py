@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from mlot_ds import dist
+from mlot_ds.engine.signals import REQUEUE_EXIT_CODE, STOP_REQUEST, install_stop_handlers
 
 DESCRIPTION = """\
 Multi-teacher cross-tokenizer distillation (MultiLevelOT) on DeepSpeed ZeRO-3.
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.dry_run:
+        install_stop_handlers()  # idempotent; launch/train.py already did it before importing torch
     from mlot_ds.config import RecipeError, load_recipe
     from mlot_ds.engine.ds_config import DeepSpeedConfigError, read_ds_config, student_ds_config
     from mlot_ds.engine.setup import prepare_inputs
@@ -73,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    dist.init(recipe.train.dist_timeout_s)
     from mlot_ds.engine.trainer import NonFiniteLossError, Trainer
+
+    dist.init(recipe.train.dist_timeout_s)
 
     started = time.time()
     try:
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
     except bad_input as exc:
         dist.fail(str(exc))
+    if dist.any_rank(STOP_REQUEST["signal"] is not None) and trainer.global_step == 0:
+        dist.print0(f"stopped by signal during setup; nothing to save, exiting with status {REQUEUE_EXIT_CODE}")
+        return REQUEUE_EXIT_CODE
     try:
         trainer.train()
     except NonFiniteLossError as exc:

@@ -17,7 +17,6 @@ is therefore the same whatever the world size or accumulation split.
 
 from __future__ import annotations
 
-import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,13 +29,11 @@ from mlot_ds.config import Recipe
 from mlot_ds.engine import checkpoint
 from mlot_ds.engine.ds_config import student_ds_config
 from mlot_ds.engine.metrics_log import MetricLog
+from mlot_ds.engine.signals import REQUEUE_EXIT_CODE, STOP_REQUEST
 from mlot_ds.engine.teacher_loss import TeacherLoss
 from mlot_ds.engine.weights import TeacherWeights
 from mlot_ds.teachers.loading import load_causal_lm, resolve_dtype
 from mlot_ds.teachers.pool import TeacherPool
-
-# Exit status after a checkpoint on SIGUSR1/SIGTERM; launch/slurm/train.sbatch turns it into a requeue.
-REQUEUE_EXIT_CODE = 75
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,7 +49,6 @@ class Trainer:
         self.inputs = setup_state
         self.output_dir = Path(recipe.train.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.stop_signal: int | None = None
         self.global_step = 0
         self.consecutive_skips = 0
         self.skipped_steps = 0
@@ -92,11 +88,6 @@ class Trainer:
         self._resume()
         self.log = MetricLog(self.output_dir / "tensorboard", self.total_steps, self.global_step, self.recipe_yaml,
                              _flat_hparams(recipe))
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.stop_signal = signum
 
     def _resume(self) -> None:
         mode = self.recipe.train.resume
@@ -128,7 +119,7 @@ class Trainer:
             self.log.progress(self.global_step, metrics["train/loss"], metrics["train/tokens_per_s"])
             if eval_every and self.global_step % eval_every == 0 and self.global_step < self.total_steps:
                 self.log.scalars(self.global_step, self.inputs.evaluate(self))
-            if dist.any_rank(self.stop_signal is not None):
+            if dist.any_rank(STOP_REQUEST["signal"] is not None):
                 self.save()
                 self.log.message(f"stopped by signal at step {self.global_step}; checkpoint saved, exiting "
                                  f"with status {REQUEUE_EXIT_CODE} (requeue)")
