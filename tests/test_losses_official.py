@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mlot_ds.losses import PRESETS, multilevel_ot
-from tests.test_losses_reference import make_batch
+from test_losses_reference import make_batch
 
 
 def spans(labels, skip_last):

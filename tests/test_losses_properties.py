@@ -16,7 +16,7 @@ from mlot_ds.losses import (
     teacher_summary,
 )
 from mlot_ds.pairing import position_pairing
-from tests.test_losses_reference import make_batch
+from test_losses_reference import make_batch
 
 SMALL = dict(k=4)
 
