@@ -247,3 +247,11 @@ def test_block_size_changes_nothing(scattered):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_wrong_pairing_type_raises():
+    from mlot_ds.losses import official_spans
+
+    student, teacher, s_labels, t_labels = batch(16)
+    with pytest.raises(ValueError, match="pairing must be a mlot_ds.pairing.Pairing"):
+        teacher_summary(teacher, official_spans(s_labels, t_labels), **SMALL)

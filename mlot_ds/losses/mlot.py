@@ -55,7 +55,10 @@ def _check_logits(name: str, logits: torch.Tensor, k: int) -> None:
         raise ValueError(f"k={k} exceeds the vocabulary size {logits.shape[2]} of {name}")
 
 
-def _check_rows(side: str, index: torch.Tensor, mask: torch.Tensor, length: int) -> None:
+def _check_rows(side: str, pairing, length: int) -> None:
+    if not isinstance(pairing, Pairing):
+        raise ValueError(f"pairing must be a mlot_ds.pairing.Pairing for this preset, got {type(pairing).__name__}")
+    index, mask = (pairing.student_index if side == "student" else pairing.teacher_index), pairing.mask
     if index.shape != mask.shape or mask.dtype != torch.bool:
         raise ValueError(f"pairing.{side}_index {tuple(index.shape)} and a bool mask of the same shape expected")
     real = index[mask]
@@ -82,7 +85,7 @@ def teacher_summary(
         if cfg.is_official:
             return TeacherSummary((cfg.tau_had,), *official.teacher_side(teacher_logits, pairing, cfg))
         batch, seq_len, vocab = teacher_logits.shape
-        _check_rows("teacher", pairing.teacher_index, pairing.mask, seq_len)
+        _check_rows("teacher", pairing, seq_len)
         temperatures = cfg.temperatures()
         inv = tuple(1.0 / t for t in temperatures)
         logits2d = teacher_logits.reshape(batch * seq_len, vocab)
@@ -131,9 +134,9 @@ def multilevel_ot_from_summary(
             result.update(_plain_ce(student_logits, student_labels))
         return result
     batch, seq_len, vocab = student_logits.shape
+    _check_rows("student", pairing, seq_len)
     if summary.values.shape[1:3] != pairing.mask.shape:
         raise ValueError(f"summary values {tuple(summary.values.shape)} do not match the pairing {tuple(pairing.mask.shape)}")
-    _check_rows("student", pairing.student_index, pairing.mask, seq_len)
 
     temperatures = summary.temperatures
     ce_slot = ce_target = torch.zeros(0, dtype=torch.long, device=student_logits.device)
