@@ -155,6 +155,10 @@ class EvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 64
     generate: bool = True
+    best_metric: str | None = None
+    """Keep the checkpoint with the best value of this metric (e.g. ``eval/rouge_lsum``) from the
+    periodic evaluations; ``<output_dir>/checkpoints/best`` names it and pruning never removes it.
+    ``eval/bits_per_byte`` is minimised, every other metric maximised."""
 
 
 @dataclass
@@ -394,6 +398,11 @@ def validate(recipe: Recipe) -> None:
     for name in ("limit", "batch_size", "max_new_tokens"):
         if getattr(recipe.eval, name) < 1:
             raise RecipeError(f"eval.{name}: expected an integer >= 1; got {getattr(recipe.eval, name)}")
+    best = recipe.eval.best_metric
+    if best is not None:
+        _choice(best, ("eval/bits_per_byte", "eval/rouge_lsum", "eval/f1", "eval/exact_match"), "eval.best_metric")
+        if not recipe.eval.every:
+            raise RecipeError("eval.best_metric: needs periodic evaluation; set eval.every to a number of steps")
     _choice(recipe.zoo.profile, ("default", "tiny"), "zoo.profile")
 
 

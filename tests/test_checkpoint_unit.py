@@ -82,3 +82,12 @@ def test_folder_hash_changes_with_tokenizer_content(tmp_path):
     assert checkpoint.folder_hash(tmp_path) == first
     (tmp_path / "tokenizer.json").write_text('{"a": 2}')
     assert checkpoint.folder_hash(tmp_path) != first
+
+
+def test_prune_never_removes_the_best_checkpoint(tmp_path):
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, step)
+    checkpoint.mark_best(tmp_path, tmp_path / checkpoint.tag_for(1), "eval/rouge_lsum", 12.5)
+    checkpoint._prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000001", "step_00000004"]
+    assert (tmp_path / "best").read_text().split() == ["step_00000001", "eval/rouge_lsum", "12.5"]

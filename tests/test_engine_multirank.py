@@ -54,7 +54,8 @@ def train(tmp: Path, name: str, ranks: int, zoo: Path, timeout: float = 600, **o
 def runs(tmp_path_factory, tiny_zoo):
     """Two-rank reference run (6 steps, odd record count), and the same global batch on one rank."""
     tmp = tmp_path_factory.mktemp("engine")
-    two, result_two = train(tmp, "two_ranks", 2, tiny_zoo, **{"train.save_every": 3})
+    two, result_two = train(tmp, "two_ranks", 2, tiny_zoo, **{"train.save_every": 3, "eval.every": 3,
+                                                              "eval.best_metric": "eval/bits_per_byte"})
     assert result_two.returncode == 0, result_two.log_text[-4000:]
     one, result_one = train(tmp, "one_rank", 1, tiny_zoo, **{"train.grad_accum": 2, "train.max_steps": 5,
                                                              "export.enabled": "false", "data.eval": "null"})
@@ -139,6 +140,9 @@ def test_checkpoint_holds_student_state_manifest_and_latest_pointer(runs):
     state = json.loads((folder / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     assert {p.name for p in folder.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    best = (root / "best").read_text().split()
+    assert best[0] == "step_00000003" and best[1] == "eval/bits_per_byte"
+    assert float(best[2]) == pytest.approx(metrics(runs["two"])[3]["eval/bits_per_byte"])
     # keep_last=2: steps 3 and 6 remain; teachers' weights are not in the checkpoint.
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000006"]
     # Only the student's parameters are saved: the module state names GPT-2 weights, no teacher's.

@@ -30,6 +30,7 @@ from mlot_ds import dist
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+BEST = "best"
 
 
 class CheckpointError(RuntimeError):
@@ -94,9 +95,17 @@ def _replace_text(path: Path, text: str) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    best = root / BEST
+    keep = {best.read_text().split()[0]} if best.is_file() else set()
     complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
     for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def mark_best(root: Path, folder: Path, metric: str, value: float) -> None:
+    """Rank 0: record ``folder`` as the best checkpoint so far (pruning keeps it)."""
+    _replace_text(root / BEST, f"{folder.name} {metric} {value!r}\n")
 
 
 def find_latest(root: Path) -> Path | None:

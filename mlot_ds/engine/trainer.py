@@ -52,6 +52,7 @@ class Trainer:
         self.global_step = 0
         self.consecutive_skips = 0
         self.skipped_steps = 0
+        self.best_value: float | None = None
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -102,6 +103,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.best_value = state.get("best_value")
         self.weights.load_state_dict(state.get("weights", {}))
         dist.print0(f"resumed from {folder} at step {self.global_step}")
 
@@ -118,7 +120,9 @@ class Trainer:
                 self.log.scalars(self.global_step, metrics)
             self.log.progress(self.global_step, metrics["train/loss"], metrics["train/tokens_per_s"])
             if eval_every and self.global_step % eval_every == 0 and self.global_step < self.total_steps:
-                self.log.scalars(self.global_step, self.inputs.evaluate(self))
+                results = self.inputs.evaluate(self)
+                self.log.scalars(self.global_step, results)
+                self.keep_if_best(results)
             if dist.any_rank(STOP_REQUEST["signal"] is not None):
                 self.save()
                 self.log.message(f"stopped by signal at step {self.global_step}; checkpoint saved, exiting "
@@ -216,8 +220,25 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------ save / cleanup
+    def keep_if_best(self, results: dict[str, float]) -> None:
+        """Collective: save and mark a checkpoint when ``eval.best_metric`` improved."""
+        metric = self.recipe.eval.best_metric
+        if metric is None or metric not in results:
+            return
+        value = results[metric]
+        sign = -1.0 if metric == "eval/bits_per_byte" else 1.0
+        if self.best_value is not None and sign * value <= sign * self.best_value:
+            return
+        self.best_value = value
+        folder = self.save()
+        dist.rank0_then_barrier(lambda: checkpoint.mark_best(self.checkpoint_dir, folder, metric, value))
+        self.log.message(f"best {metric} = {value:.4f} at step {self.global_step}: {folder}")
+
     def save(self) -> Path:
-        state = {"global_step": self.global_step, "consecutive_skips": self.consecutive_skips,
+        current = self.checkpoint_dir / checkpoint.tag_for(self.global_step)
+        if checkpoint.find_latest(self.checkpoint_dir) == current:
+            return current  # already saved at this step (e.g. as the best one)
+        state = {"global_step": self.global_step, "consecutive_skips": self.consecutive_skips, "best_value": self.best_value,
                  "skipped_steps": self.skipped_steps, "weights": self.weights.state_dict(),
                  "steps_per_epoch": self.data.steps_per_epoch, "world_size": self.world}
         folder = checkpoint.save(self.student, self.checkpoint_dir, self.global_step, state, self.recipe_yaml,
