@@ -11,6 +11,7 @@ from data_fixtures import sp_bpe, unigram
 from mlot_ds.pairing import dtw_pairs, mined_vocab_map
 from mlot_ds.pairing import vocab_map as vocab_map_module
 from mlot_ds.pairing.dtw import dtw_path, string_edit_distances
+from mlot_ds.pairing.vocab_map import bit_parallel_distances
 from mlot_ds.pairing.surface import token_surface_bytes
 
 
@@ -30,6 +31,17 @@ def test_edit_distances_match_the_textbook_table():
     table = string_edit_distances(a, b)
     expected = np.array([[levenshtein(x, y) for y in b] for x in a])
     np.testing.assert_array_equal(table, expected)
+
+
+@pytest.mark.parametrize("query_length", [1, 2, 7, 33, 64])
+@pytest.mark.parametrize("candidate_length", [1, 4, 9, 70])
+def test_bit_parallel_distances_match_the_textbook_table(query_length, candidate_length):
+    generator = random.Random(query_length * 100 + candidate_length)
+    queries = [bytes(generator.choice(b"abc\xe4\xff") for _ in range(query_length)) for _ in range(6)]
+    candidates = [bytes(generator.choice(b"abcd\xe4") for _ in range(candidate_length)) for _ in range(8)]
+    table = bit_parallel_distances(np.frombuffer(b"".join(queries), np.uint8).reshape(6, query_length),
+                                   np.frombuffer(b"".join(candidates), np.uint8).reshape(8, candidate_length))
+    np.testing.assert_array_equal(table, [[levenshtein(q, c) for c in candidates] for q in queries])
 
 
 def test_edit_distance_hand_cases():

@@ -33,8 +33,8 @@ from mlot_ds.pairing.dtw import dtw_pairs
 from mlot_ds.pairing.offsets import offsets_pairs
 from mlot_ds.pairing.surface import leading_special_ids, token_surface_bytes_cached, tokenizer_fingerprint
 
-ENCODE_FORMAT_VERSION = 1
-PAIRS_FORMAT_VERSION = 1
+ENCODE_FORMAT_VERSION = 2
+PAIRS_FORMAT_VERSION = 2
 MAP_BATCH_SIZE = 256
 
 
@@ -59,8 +59,18 @@ def _progress_bars(enabled: bool):
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
 
 
+_IDS = datasets.Sequence(datasets.Value("int64"))
+ENCODED_FEATURES = datasets.Features({
+    "prompt_ids": _IDS, "response_ids": _IDS, "span_starts": _IDS, "span_ends": _IDS,
+    "prompt_length": datasets.Value("int64"), "response_length": datasets.Value("int64"),
+    "fits": datasets.Value("bool"), "prompt_truncated": datasets.Value("bool"),
+    "offsets_method": datasets.Value("string"), "decodes_back": datasets.Value("bool"),
+})
+PAIR_FEATURES = datasets.Features({"pair_student": _IDS, "pair_teacher": _IDS})
+
+
 def _run_map(dataset: datasets.Dataset, function, fingerprint: str, cache_dir: Path | None, label: str, progress: bool,
-             desc: str):
+             desc: str, features: datasets.Features):
     cache_file = None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +86,7 @@ def _run_map(dataset: datasets.Dataset, function, fingerprint: str, cache_dir: P
             load_from_cache_file=cache_file is not None,
             keep_in_memory=cache_file is None,
             desc=desc,
+            features=features,  # explicit: a batch of empty lists must not decide the column type
         )
 
 
@@ -155,7 +166,8 @@ def encode_model(
             out["decodes_back"].append(decoded == response)
         return out
 
-    encoded = _run_map(base, encode, fingerprint, cache_dir, "tokenized", progress, desc=f"tokenizing for {name}")
+    encoded = _run_map(base, encode, fingerprint, cache_dir, "tokenized", progress, desc=f"tokenizing for {name}",
+                       features=ENCODED_FEATURES)
     if memo is not None:
         memo[fingerprint] = encoded
     return encoded, fingerprint
@@ -226,4 +238,5 @@ def pair_responses(
             out["pair_teacher"].append([t for _, t in pairs])
         return out
 
-    return _run_map(joined, pair, fingerprint, cache_dir, f"pairs-{rule}", progress, desc=f"pairing {teacher_name} ({rule})")
+    return _run_map(joined, pair, fingerprint, cache_dir, f"pairs-{rule}", progress, desc=f"pairing {teacher_name} ({rule})",
+                    features=PAIR_FEATURES)

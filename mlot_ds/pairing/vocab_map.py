@@ -11,9 +11,10 @@ The search never compares the two vocabularies pair by pair in Python:
 1. exact matches through a dict;
 2. distance 1 through hashed neighbourhoods (the string with one byte removed, keyed with and
    without its position), which finds every substitution, insertion and deletion neighbour;
-3. the remaining tokens (distance >= 2) through a vectorised Levenshtein table against teacher
-   tokens of nearby lengths, widening the length window ring by ring until no closer match can
-   exist (a length difference of ``d`` forces a distance of at least ``d``).
+3. the remaining tokens (distance >= 2) against teacher tokens of nearby lengths, with Myers'
+   bit-parallel edit distance vectorised over all (token, candidate) pairs (a plain vectorised
+   table for tokens longer than 64 bytes), widening the length window ring by ring until no
+   closer match can exist (a length difference of ``d`` forces a distance of at least ``d``).
 
 Maps are cached on disk, keyed by both tokenizers' fingerprints.
 """
@@ -136,6 +137,51 @@ def _compute_map(student, teacher, progress: bool, table_budget: int) -> torch.T
     return torch.from_numpy(mapping)
 
 
+_WORD_BITS = 64
+_BIT_PARALLEL_ARRAYS = 8  # [Q, C] uint64 arrays alive at once, counted in units of table cells
+
+
+def bit_parallel_distances(query_codes: np.ndarray, candidate_codes: np.ndarray) -> np.ndarray:
+    """Levenshtein distances ``[Q, C]`` between queries of one length ``m <= 64`` and candidates of
+    one length ``n``, with Myers' bit-vector algorithm (Myers 1999, in Hyyro's global form).
+
+    Column ``j`` of the DP table is held as two bit vectors of vertical +1/-1 steps over the
+    ``m`` query positions, so one candidate character costs a dozen word operations for all
+    ``m`` rows at once, done for every (query, candidate) pair with numpy.
+
+    Args:
+        query_codes: ``[Q, m]`` uint8, all of length ``m`` (1 <= m <= 64).
+        candidate_codes: ``[C, n]`` uint8, all of length ``n``.
+    """
+    queries, length = query_codes.shape
+    if not 1 <= length <= _WORD_BITS:
+        raise ValueError(f"bit-parallel distances need query length in [1, {_WORD_BITS}], got {length}")
+    one = np.uint64(1)
+    # match[q, c]: bit i set where query q has byte c at position i
+    match = np.zeros((queries, 256), dtype=np.uint64)
+    rows = np.arange(queries)
+    for i in range(length):
+        np.bitwise_or.at(match, (rows, query_codes[:, i]), one << np.uint64(i))
+    top = np.uint64(length - 1)
+    shape = (queries, candidate_codes.shape[0])
+    positive = np.full(shape, np.uint64((1 << length) - 1) if length < _WORD_BITS else ~np.uint64(0))
+    negative = np.zeros(shape, dtype=np.uint64)
+    score = np.full(shape, length, dtype=np.int32)
+    for j in range(candidate_codes.shape[1]):
+        equal = match[:, candidate_codes[:, j]]
+        vertical = equal | negative
+        horizontal = (((equal & positive) + positive) ^ positive) | equal
+        plus = negative | ~(horizontal | positive)
+        minus = positive & horizontal
+        score += ((plus >> top) & one).astype(np.int32)
+        score -= ((minus >> top) & one).astype(np.int32)
+        plus = (plus << one) | one  # row 0 of the table grows by one per candidate byte
+        minus = minus << one
+        positive = minus | ~(vertical | plus)
+        negative = plus & vertical
+    return score
+
+
 def _search_far(remaining, candidates, mapping: np.ndarray, progress: bool, table_budget: int) -> None:
     """Exact nearest teacher string for tokens with no neighbour within distance 1."""
     buckets: dict[int, list[tuple[bytes, int]]] = defaultdict(list)
@@ -173,10 +219,15 @@ def _search_far(remaining, candidates, mapping: np.ndarray, progress: bool, tabl
                 if length not in packed:
                     continue
                 cand_codes, cand_lengths, cand_ids = packed[length]
-                chunk = max(1, table_budget // (len(cand_ids) * (length + 1)))
+                bit_parallel = 1 <= query_length <= _WORD_BITS and length >= 1
+                cells = len(cand_ids) * (_BIT_PARALLEL_ARRAYS if bit_parallel else length + 1)
+                chunk = max(1, table_budget // cells)
                 for begin in range(0, active.size, chunk):
                     rows = active[begin : begin + chunk]
-                    distances = edit_distances(codes[rows], lengths[rows], cand_codes, cand_lengths)
+                    if bit_parallel:
+                        distances = bit_parallel_distances(codes[rows], cand_codes)
+                    else:
+                        distances = edit_distances(codes[rows], lengths[rows], cand_codes, cand_lengths)
                     nearest = distances.argmin(axis=1)  # first minimum = lowest id in the bucket
                     nearest_distance = distances[np.arange(rows.size), nearest]
                     nearest_id = cand_ids[nearest]
