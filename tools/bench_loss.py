@@ -200,7 +200,7 @@ def main():
         choices=VARIANTS + ["all"], help="variants at the large shape ('all' for every one)",
     )
     parser.add_argument("--reps", type=int, default=5, help="timed rounds (small shape)")
-    parser.add_argument("--large-reps", type=int, default=2, help="timed rounds (large shape)")
+    parser.add_argument("--large-reps", type=int, default=1, help="timed rounds (large shape)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
