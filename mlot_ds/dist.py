@@ -63,10 +63,21 @@ def init(timeout_s: float) -> None:
         os.environ.setdefault(name, "0" if name == "RANK" else "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # A lone process (plain `python launch/train.py`) rendezvous with itself: any free port
+        # avoids clashing with another job on this machine.
+        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
     import deepspeed
 
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def rank() -> int:

@@ -138,6 +138,7 @@ class Trainer:
         counts = self.data.global_counts(epoch, index)
         scale = self.world * self.recipe.train.grad_accum
         weights = dict(self.weights.current)
+        lr = float(self.student.get_lr()[0])  # the rate this step uses (the scheduler moves on in step())
         # Metric sums stay on the device (float32) until one transfer at the end of the step.
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         skipped = False
@@ -146,16 +147,16 @@ class Trainer:
             reduced, pairings = {}, {}
             for teacher in self.teachers:
                 inputs = batch.teachers[teacher.name]
-                logits = self.teachers.logits(teacher, inputs.input_ids, inputs.attention_mask)
                 teacher_loss = self.teacher_losses[teacher.name]
                 pairings[teacher.name] = teacher_loss.pairing_for(batch.pairings[teacher.name],
                                                                   batch.student.labels, inputs.labels)
-                reduced[teacher.name] = teacher_loss.reduce(logits, pairings[teacher.name])
-                if self.recipe.weighting.mode == "dynamic":
-                    gold = losses.masked_ce(logits, inputs.labels)
+                # The teacher's logits live only inside this call: what leaves is the loss's summary.
+                reduced[teacher.name], gold = self.teachers.reduce(
+                    teacher, inputs, pairings[teacher.name], teacher_loss,
+                    with_gold_ce=self.recipe.weighting.mode == "dynamic")
+                if gold is not None:
                     totals[f"_ce_sum/{teacher.name}"] += gold["ce"].detach().float()
                     totals[f"_ce_tokens/{teacher.name}"] += float(gold["tokens"])
-                del logits
             student = batch.student
             student_logits = self.student(input_ids=student.input_ids, attention_mask=student.attention_mask,
                                           use_cache=False).logits
@@ -184,7 +185,7 @@ class Trainer:
                 self._suppress_update()
             # DeepSpeed counts micro-steps in step(); it updates only at the accumulation boundary.
             self.student.step()
-        return self._step_metrics(totals, counts, weights, skipped)
+        return self._step_metrics(totals, counts, weights, skipped, lr)
 
     def _suppress_update(self) -> None:
         """Skip a step on every rank: lr 0 for this update (the scheduler sets the next lr itself)."""
@@ -199,7 +200,7 @@ class Trainer:
                 f"train.max_consecutive_skips."
             )
 
-    def _step_metrics(self, totals, counts, weights, skipped) -> dict[str, float]:
+    def _step_metrics(self, totals, counts, weights, skipped, lr) -> dict[str, float]:
         keys = sorted(totals)
         reduced = dist.all_reduce_sum(torch.stack([totals[k].reshape(()) for k in keys]))
         values = {k: float(v) for k, v in zip(keys, reduced)}
@@ -210,7 +211,7 @@ class Trainer:
         if not skipped:
             self.consecutive_skips = 0
         metrics = {k: v for k, v in values.items() if not k.startswith("_")}
-        metrics["train/lr"] = float(self.student.get_lr()[0])
+        metrics["train/lr"] = lr
         grad_norm = self.student.get_global_grad_norm()
         metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["train/skipped_steps"] = float(self.skipped_steps)

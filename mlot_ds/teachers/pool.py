@@ -65,7 +65,19 @@ class TeacherPool:
 
     @torch.no_grad()
     def logits(self, teacher: Teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One teacher's logits ``[B, T, m]``. The caller reduces them and drops the tensor at once."""
+        """One teacher's logits ``[B, T, m]``."""
         output = teacher.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                 use_cache=False)
         return output.logits
+
+    @torch.no_grad()
+    def reduce(self, teacher: Teacher, inputs, pairing, teacher_loss, *, with_gold_ce: bool):
+        """Run one teacher and keep only what its loss needs (and, for dynamic weights, its summed
+        cross-entropy on the gold response). The full logits are freed before this returns."""
+        from mlot_ds.losses import masked_ce
+
+        logits = self.logits(teacher, inputs.input_ids, inputs.attention_mask)
+        reduced = teacher_loss.reduce(logits, pairing)
+        gold = masked_ce(logits, inputs.labels.to(logits.device)) if with_gold_ce else None
+        del logits
+        return reduced, gold
