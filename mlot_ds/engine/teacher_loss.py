@@ -53,11 +53,19 @@ class TeacherLoss:
         rows = pairing.teacher_index.unsqueeze(-1).expand(-1, -1, teacher_logits.shape[-1])
         return torch.gather(teacher_logits, 1, rows)
 
-    def terms(self, student_logits: torch.Tensor, reduced, pairing) -> dict:
-        """Loss term sums over this micro-batch (tensors), keyed like ``term_weights``."""
+    @property
+    def fuses_ce(self) -> bool:
+        """MultiLevelOT (not ``official``) can compute the student's CE from the same log-sum-exp."""
+        return self.config.kind == "mlot" and not self.hparams.is_official
+
+    def terms(self, student_logits: torch.Tensor, reduced, pairing, student_labels=None) -> dict:
+        """Loss term sums over this micro-batch (tensors), keyed like ``term_weights``; plus ``ce``
+        (the student's summed CE) when ``student_labels`` is given and :attr:`fuses_ce`."""
         if self.config.kind == "mlot":
-            out = losses.multilevel_ot_from_summary(student_logits, reduced, pairing, preset=self.hparams)
-            return {name: out[name] for name in self.term_weights}
+            out = losses.multilevel_ot_from_summary(student_logits, reduced, pairing, preset=self.hparams,
+                                                    student_labels=student_labels if self.fuses_ce else None)
+            names = list(self.term_weights) + (["ce"] if "ce" in out else [])
+            return {name: out[name] for name in names}
         compact = Pairing(pairing.student_index, _arange_like(pairing.teacher_index), pairing.mask)
         if self.config.kind == "uld":
             return {"uld": losses.uld(student_logits, reduced, None, None, pairing=compact)["uld"]}

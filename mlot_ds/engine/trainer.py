@@ -160,19 +160,26 @@ class Trainer:
             student = batch.student
             student_logits = self.student(input_ids=student.input_ids, attention_mask=student.attention_mask,
                                           use_cache=False).logits
-            ce = losses.masked_ce(student_logits, student.labels)["ce"] / max(counts["student_tokens"], 1)
-            loss = self.recipe.train.ce_weight * ce
-            totals["train/ce"] += ce.detach().float()
+            # The first MultiLevelOT teacher computes CE in the same pass over the student logits.
+            fused = next((t.name for t in self.teachers if self.teacher_losses[t.name].fuses_ce), None)
+            ce_sum = None if fused else losses.masked_ce(student_logits, student.labels)["ce"]
+            loss = torch.zeros((), device=student_logits.device)
             for teacher in self.teachers:
                 name = teacher.name
                 teacher_loss = self.teacher_losses[name]
-                terms = teacher_loss.terms(student_logits, reduced.pop(name), pairings[name])
+                terms = teacher_loss.terms(student_logits, reduced.pop(name), pairings[name],
+                                           student_labels=student.labels if name == fused else None)
+                if name == fused:
+                    ce_sum = terms.pop("ce")
                 denominator = max(counts[f"{name}/{teacher_loss.denominator}"], 1)
                 kd = sum(teacher_loss.term_weights[t] * value for t, value in terms.items()) / denominator
                 loss = loss + weights[name] * kd
                 totals[f"teacher/{name}/kd"] += kd.detach().float()
                 for term, value in terms.items():
                     totals[f"teacher/{name}/{term}"] += value.detach().float() / denominator
+            ce = ce_sum / max(counts["student_tokens"], 1)
+            loss = loss + self.recipe.train.ce_weight * ce
+            totals["train/ce"] += ce.detach().float()
             if dist.any_rank(not bool(torch.isfinite(loss.detach()))):
                 skipped = True
                 # Zero gradient that still walks the whole graph, so every rank runs the same
