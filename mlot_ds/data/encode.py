@@ -143,8 +143,8 @@ def encode_model(
 
     def encode(batch: dict) -> dict:
         texts = [render_prompt(template, tokenizer, p, examples, model=name) for p in batch["prompt"]]
-        prompts = [lead + ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        responses = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
+        prompts = [lead + ids for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+        responses = tokenizer(batch["response"], add_special_tokens=False, verbose=False)["input_ids"]
         out = {k: [] for k in ("prompt_ids", "response_ids", "span_starts", "span_ends", "prompt_length",
                                "response_length", "fits", "prompt_truncated", "offsets_method", "decodes_back")}
         for prompt_ids, response_ids, response in zip(prompts, responses, batch["response"]):
