@@ -1,0 +1,198 @@
+"""Evaluate one model on records: bits per byte of the reference responses and generation metrics.
+
+One function serves the live ZeRO-3 student (``mlot_ds.engine.evaluation``), ``tools/evaluate.py``
+and ``tools/reproduce.py``, so the three report the same numbers under the same names:
+
+- ``eval/bits_per_byte``: code length of each record's ``response`` (plus EOS) given its prompt, in
+  bits per UTF-8 byte; comparable across tokenizers, so teachers and students share one scale.
+- ``eval/<metric>`` for each metric of the adapter (``METRICS_BY_ADAPTER``): ``rouge_lsum`` for
+  DialogSum, FairytaleQA and generic jsonl, ``f1`` and ``exact_match`` for QED; each the mean over
+  records of the best score against the record's references.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mlot_ds.eval.bpb import bits_per_byte
+from mlot_ds.eval.generate import greedy_generate
+from mlot_ds.eval.metrics import METRIC_FUNCTIONS, METRICS_BY_ADAPTER
+
+BITS_PER_BYTE = "eval/bits_per_byte"
+# Positions a model folder is evaluated with when nothing else says (prompt + continuation).
+DEFAULT_MAX_LENGTH = 1024
+
+
+def metric_names(adapter: str, generate: bool = True) -> tuple[str, ...]:
+    """The stable result keys for an adapter, e.g. ``("eval/bits_per_byte", "eval/rouge_lsum")``."""
+    if adapter not in METRICS_BY_ADAPTER:
+        raise ValueError(f"unknown adapter {adapter!r}; expected one of {', '.join(METRICS_BY_ADAPTER)}")
+    return (BITS_PER_BYTE,) + (tuple(f"eval/{m}" for m in METRICS_BY_ADAPTER[adapter]) if generate else ())
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_records` measured."""
+
+    metrics: dict[str, float]
+    predictions: list[str] = field(default_factory=list)
+    """One greedy continuation per record (empty when generation is off)."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of ``bits_per_byte`` and ``generate``."""
+
+
+def evaluate_records(
+    model: torch.nn.Module,
+    tokenizer,
+    records: Sequence,
+    *,
+    adapter: str,
+    template,
+    batch_size: int,
+    max_new_tokens: int,
+    max_length: int | None,
+    device: torch.device | str | None = None,
+    append_eos: bool = True,
+    generate: bool = True,
+    synced: bool = False,
+    progress: bool = False,
+    model_name: str = "model",
+) -> Evaluation:
+    """Bits per byte of ``record.response`` and, if ``generate``, the adapter's metrics.
+
+    Args:
+        records: :class:`mlot_ds.data.Record` s (``prompt``, ``response``, ``references``).
+        adapter: the data adapter that read them; picks the metrics.
+        template: a :class:`mlot_ds.data.Template` rendering each prompt for this model.
+        append_eos: score the model's EOS after each response (as training does).
+        synced: all ranks of a ZeRO-3 job call this together with the same records.
+        progress: show a generation progress bar.
+        model_name: used in error messages.
+        The rest as :func:`mlot_ds.eval.generate.greedy_generate`.
+    """
+    from mlot_ds.data import prompt_token_ids, render_prompt
+
+    names = metric_names(adapter, generate)
+    if not records:
+        raise ValueError(f"evaluate_records: no records to evaluate {model_name} on")
+    prompts = [render_prompt(template, tokenizer, record.prompt, model=model_name) for record in records]
+    seconds = {}
+    started = time.perf_counter()
+    metrics = {BITS_PER_BYTE: bits_per_byte(model, tokenizer, prompts, [r.response for r in records],
+                                            batch_size=batch_size, device=device, append_eos=append_eos,
+                                            max_length=max_length)}
+    seconds["bits_per_byte"] = time.perf_counter() - started
+    predictions: list[str] = []
+    if generate:
+        started = time.perf_counter()
+        prompt_ids = [prompt_token_ids(template, tokenizer, record.prompt, model=model_name) for record in records]
+        predictions = greedy_generate(model, tokenizer, prompt_ids, batch_size=batch_size,
+                                      max_new_tokens=max_new_tokens, device=device, max_length=max_length,
+                                      synced=synced, progress=progress, description=f"generate ({model_name})")
+        seconds["generate"] = time.perf_counter() - started
+        for name in names[1:]:
+            score = METRIC_FUNCTIONS[name.removeprefix("eval/")]
+            values = [score(prediction, record.references or (record.response,))
+                      for prediction, record in zip(predictions, records)]
+            metrics[name] = sum(values) / len(values)
+    return Evaluation(metrics, predictions, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading what the tools evaluate (tools/evaluate.py, tools/generate_teacher_responses.py, tools/reproduce.py)
+
+
+class EvaluateInputError(Exception):
+    """A model or data path given to an evaluation tool is not what it should be."""
+
+
+def load_data(adapter: str, path: str, limit: int | None) -> list:
+    from mlot_ds.config import DataSourceConfig, RecipeError
+    from mlot_ds.data import DataError, load_records
+    from mlot_ds.engine.resolve import data_path
+
+    if not path.startswith("builtin:") and not Path(path).expanduser().exists():
+        raise EvaluateInputError(f"--path {path}: no such file or folder")
+    try:
+        resolved = data_path(DataSourceConfig(adapter=adapter, path=path), "--path")
+        records = load_records(adapter, resolved, limit=limit).records
+    except (RecipeError, DataError, ValueError, OSError) as exc:
+        raise EvaluateInputError(str(exc)) from None
+    if not records:
+        raise EvaluateInputError(f"--path {path}: no records")
+    return records
+
+
+def load_model(folder: Path, device: str) -> dict:
+    """The model, its tokenizer and per-source defaults, from a model folder or a checkpoint."""
+    if not folder.exists():
+        raise EvaluateInputError(f"{folder}: no such file or folder")
+    if (folder / "config.json").is_file():
+        return _load_hf_folder(folder, device)
+    from mlot_ds.engine.checkpoint import COMPLETE, find_latest
+
+    checkpoint = folder if (folder / COMPLETE).is_file() else (find_latest(folder) if folder.is_dir() else None)
+    if checkpoint is None:
+        raise EvaluateInputError(f"{folder}: neither a model folder (no config.json) nor a complete checkpoint "
+                                 f"(no {COMPLETE}), nor a folder of checkpoints")
+    return _load_checkpoint(checkpoint, device)
+
+
+def _load_hf_folder(folder: Path, device: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="float32")
+    except (OSError, ValueError) as exc:
+        raise EvaluateInputError(f"{folder}: cannot load a causal LM and its tokenizer: {exc}") from None
+    return {"model": model.to(device), "tokenizer": tokenizer, "template": "plain", "append_eos": True,
+            "max_length": _positions(model.config), "source": "model_folder"}
+
+
+def _load_checkpoint(folder: Path, device: str) -> dict:
+    """Consolidate the ZeRO-3 shards of ``folder`` into the student architecture, in memory."""
+    from mlot_ds.config import RecipeError, load_recipe
+    from mlot_ds.engine.resolve import model_path
+
+    try:
+        recipe = load_recipe(folder / "recipe.yaml")
+        student_dir = model_path(recipe.student.model, recipe, "student.model")
+        tokenizer_dir = model_path(recipe.student.tokenizer or recipe.student.model, recipe, "student.tokenizer")
+    except RecipeError as exc:
+        raise EvaluateInputError(f"{folder / 'recipe.yaml'}: {exc}") from None
+    if not (student_dir / "config.json").is_file():
+        raise EvaluateInputError(f"{folder}: the student's base folder {student_dir} (named by its recipe) is "
+                                 f"missing; its config and tokenizer are needed")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    trust = recipe.student.trust_remote_code
+    config = AutoConfig.from_pretrained(student_dir, local_files_only=True, trust_remote_code=trust)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise EvaluateInputError(f"{folder}: checkpoint does not match the student architecture "
+                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    return {"model": model.to(device).eval(), "tokenizer": tokenizer, "template": recipe.student.template.kind,
+            "append_eos": recipe.student.append_eos, "max_length": recipe.data.max_length,
+            "source": f"checkpoint:{folder.name}"}
+
+
+def _positions(config) -> int:
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, DEFAULT_MAX_LENGTH)
+    return DEFAULT_MAX_LENGTH

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Write a teacher's greedy responses as a dataset a recipe can train on (SeqKD, unlabeled setting).
+
+    python tools/generate_teacher_responses.py --model /models/teacher --adapter dialogsum \\
+        --path builtin:dialogsum/train --out runs/seqkd/llama.train.jsonl
+
+Each output line is ``{"prompt": ..., "response": <the teacher's generation>, "references": [gold ...]}``,
+which the ``jsonl`` adapter reads with its default field names::
+
+    data: {train: {adapter: jsonl, path: runs/seqkd/llama.train.jsonl}}
+
+Training on it is SeqKD (supervised fine-tuning on the teacher's outputs), or, with distillation
+losses on, the paper's unlabeled setting (its Table 2: gold responses replaced by a teacher's). The
+prompt is the adapter's prompt text (before any template), so the recipe's own templates apply.
+Records whose generation is empty are left out and counted (no response to train on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the teacher's Hugging Face folder (model + tokenizer)")
+    parser.add_argument("--adapter", required=True, choices=("dialogsum", "qed", "fairytaleqa", "jsonl"))
+    parser.add_argument("--path", required=True, help="data file or folder, or builtin:dialogsum/<split>")
+    parser.add_argument("--out", required=True, help="output .jsonl (written atomically)")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--template", choices=("plain", "chat"), default="plain")
+    parser.add_argument("--max-length", type=int, default=None, help="longest prompt + response (default: the "
+                        "model's positions, at most 1024)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    from mlot_ds.data import Template, prompt_token_ids
+    from mlot_ds.eval import greedy_generate
+    from mlot_ds.eval.report import EvaluateInputError, load_data, load_model
+
+    started = time.perf_counter()
+    folder = Path(args.model).expanduser()
+    if not (folder / "config.json").is_file():
+        print(f"error: --model {folder}: not a Hugging Face model folder (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_model(folder, args.device)
+        records = load_data(args.adapter, args.path, args.limit)
+        template = Template(kind=args.template)
+        prompt_ids = [prompt_token_ids(template, loaded["tokenizer"], r.prompt, model=str(folder)) for r in records]
+    except (EvaluateInputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    responses = greedy_generate(loaded["model"], loaded["tokenizer"], prompt_ids, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, device=args.device,
+                                max_length=args.max_length or loaded["max_length"], progress=True,
+                                description=f"generate ({folder.name})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    written = empty = 0
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record, response in zip(records, responses):
+            if not response:
+                empty += 1
+                continue
+            row = {"prompt": record.prompt, "response": response,
+                   "references": list(record.references or (record.response,))}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            written += 1
+    os.replace(tmp, out)
+    print(f"wrote {written} records to {out.resolve()}" + (f" ({empty} empty generations left out)" if empty else "")
+          + f" in {time.perf_counter() - started:.1f} s")
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
