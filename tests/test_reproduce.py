@@ -1,0 +1,99 @@
+"""tools/reproduce.py: the report arithmetic on hand-made runs, the PNG, and ``--quick`` end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+import sys
+import zlib
+
+import pytest
+
+from tests.conftest import REPO, job_env, run_job
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_png(path):
+    """Width, height and RGB rows of an 8-bit RGB PNG with filter 0 rows (as the chart writes)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, chunks = 8, {}
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        kind, body = data[position + 4:position + 8], data[position + 8:position + 8 + length]
+        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks[kind] = chunks.get(kind, b"") + body
+        position += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    stride = 1 + 3 * width
+    assert len(raw) == stride * height and all(raw[y * stride] == 0 for y in range(height))
+    return width, height, [raw[y * stride + 1:(y + 1) * stride] for y in range(height)]
+
+
+def hand_run(name="unit"):
+    rows = [
+        {"setting": "reference", "method": "Teacher llama", "seed": 0, "exit": 0, "seconds": 1.0,
+         "eval/rouge_lsum": 30.0, "eval/bits_per_byte": 1.0},
+        {"setting": "labeled", "method": "sft", "seed": 0, "exit": 0, "seconds": 2.0, "eval/rouge_lsum": 10.0, "eval/bits_per_byte": 3.0},
+        {"setting": "labeled", "method": "sft", "seed": 1, "exit": 0, "seconds": 4.0, "eval/rouge_lsum": 14.0, "eval/bits_per_byte": 3.0},
+        {"setting": "labeled", "method": "uld", "seed": 0, "exit": 0, "seconds": 2.0, "eval/rouge_lsum": 22.0, "eval/bits_per_byte": 2.0},
+        {"setting": "labeled", "method": "uld", "seed": 1, "exit": 1, "seconds": 2.0},
+    ]
+    scale = {"zoo_profile": "tiny", "zoo_members": {"student": {"vocab_size": 3, "hidden_size": 4, "num_layers": 1,
+                                                                "pretrain_steps": 1, "tune_steps": 0}},
+             "seeds": 2, "steps": 5, "micro_batch": 2, "lr": 1e-3, "train_records": 10, "eval_records": 4,
+             "max_new_tokens": 8, "max_length": 128, "teacher": "llama"}
+    return {"name": name, "command": "python tools/reproduce.py --unit", "scale": scale, "rows": rows, "wall_minutes": 1.0,
+            "load_average": {"start": [1.0, 1.0, 1.0], "end": [2.0, 2.0, 2.0]}, "plan": {"labeled": ["sft", "uld"]},
+            "teacher": "llama", "methods": {"sft": "SFT", "uld": "ULD"}}
+
+
+def test_report_means_spreads_gap_and_kept_analysis(tmp_path):
+    report = load_tool("reproduce_report")
+    (tmp_path / "unit.md").write_text("# old\n\n## Analysis\n\nHand-written text.\n")
+    paths = report.write_report(tmp_path, hand_run())
+    text = (tmp_path / "unit.md").read_text()
+    # SFT: mean 12, sample std of (10, 14) = 2.83; ULD: one finished run of two, no spread.
+    assert "| labeled | SFT | 2 | 12.00 ± 2.83 | 3.00 ± 0.00 | +0% | +0% | 3 |" in text
+    # ULD closes (22 - 12) / (30 - 12) = 56% of the ROUGE gap and (2 - 3) / (1 - 3) = 50% in bits per byte.
+    assert "| labeled | ULD | 2 (1 failed) | 22.00 | 2.00 | +56% | +50% | 2 |" in text
+    assert "Labeled ranking by mean ROUGE-LSum: ULD (22.00) > SFT (12.00)" in text
+    assert text.endswith("## Analysis\n\nHand-written text.\n") and "# old" not in text
+    assert json.loads((tmp_path / "unit.json").read_text())["rows"][0]["method"] == "Teacher llama"
+    width, height, pixels = read_png(tmp_path / "unit.png")
+    assert tmp_path / "unit.png" in paths and width > 300 and height > 50
+    colours = {bytes(row[i:i + 3]) for row in pixels for i in range(0, len(row), 3)}
+    assert bytes((66, 114, 196)) in colours and bytes((112, 173, 71)) in colours  # baseline and teacher bars
+
+
+@pytest.mark.slow
+def test_quick_reproduction_end_to_end(tiny_zoo, tmp_path):
+    out, work = tmp_path / "results", tmp_path / "work"
+    result = run_job([sys.executable, str(REPO / "tools" / "reproduce.py"), "--quick", "--out-dir", str(out),
+                      "--work-dir", str(work)], job_env(tiny_zoo), tmp_path / "reproduce.log", timeout=600)
+    assert result.returncode == 0, result.log_text[-4000:]
+    run = json.loads((out / "quick.json").read_text())
+    trained = [row for row in run["rows"] if row["setting"] == "labeled"]
+    assert [row["method"] for row in trained] == ["sft", "seqkd", "mlot-default"]
+    for row in run["rows"]:
+        assert row["exit"] == 0 and 0 < row["eval/bits_per_byte"] < 16 and 0 <= row["eval/rouge_lsum"] <= 100
+    text = (out / "quick.md").read_text()
+    for needle in ("| reference | Origin |", "| reference | Teacher llama |", "| labeled | SFT |", "| labeled | SeqKD |",
+                   "| labeled | MLOT (default) |", "python tools/reproduce.py --quick", "Zoo profile `tiny`"):
+        assert needle in text
+    read_png(out / "quick.png")
+    # SeqKD trained on the teacher's generations, written by tools/generate_teacher_responses.py.
+    generated = list((work / "data").glob("llama.train*.jsonl"))
+    assert len(generated) == 1 and generated[0].read_text().strip()
+    seqkd_recipe = (work / "labeled" / "seqkd" / "seed0" / "recipe.yaml").read_text()
+    assert str(generated[0]) in seqkd_recipe
