@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -31,9 +32,10 @@ def test_tokenizer_training_is_deterministic():
 
 def test_same_settings_give_identical_artefacts(tmp_path):
     settings = ZooSettings(profile="tiny", members={member: {"pretrain_steps": 2, "tune_steps": 1} for member in MEMBERS})
-    first = build_zoo(settings, cache_dir=tmp_path / "a", progress=False)
-    second = build_zoo(settings, cache_dir=tmp_path / "b", progress=False)
-    other_seed = build_zoo(ZooSettings(**{**settings.__dict__, "seed": 1}), cache_dir=tmp_path / "c", progress=False)
+    # Worker processes and an in-process build must agree: both train every member on one thread.
+    first = build_zoo(settings, cache_dir=tmp_path / "a", progress=False, workers=2)
+    second = build_zoo(settings, cache_dir=tmp_path / "b", progress=False, workers=1)
+    other_seed = build_zoo(dataclasses.replace(settings, seed=1), cache_dir=tmp_path / "c", progress=False, workers=1)
     for member in MEMBERS:
         assert (first[member] / "tokenizer.json").read_bytes() == (second[member] / "tokenizer.json").read_bytes()
         weights_a, weights_b = load_file(first[member] / "model.safetensors"), load_file(second[member] / "model.safetensors")
@@ -63,7 +65,8 @@ def test_concurrent_processes_build_each_member_once(tmp_path):
     outputs = [worker.communicate(timeout=600) for worker in workers]
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-3000:]
-    built_lines = [line for stdout, _ in outputs for line in stdout.splitlines() if line.startswith("zoo: built ")]
+    # Members are built in worker processes that log to the inherited stderr.
+    built_lines = [line for output in outputs for line in "".join(output).splitlines() if line.startswith("zoo: built ")]
     assert sorted(Path(line.removeprefix("zoo: built ")).name for line in built_lines) == sorted(MEMBERS)
     root = tmp_path / "zoo" / ZooSettings(profile="tiny").fingerprint()
     assert not list(root.glob(".tmp-*"))

@@ -14,16 +14,18 @@ keeps the artefacts identical on every machine for a given seed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
 import os
 import random
 import shutil
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-
-import torch
 
 from mlot_ds.zoo.corpus import read_records, reference_summaries, render_context, render_response
 from mlot_ds.zoo.settings import MEMBERS, STUDENT, TEACHERS, ZooSettings
@@ -34,6 +36,8 @@ CACHE_ENV = "MLOT_DS_CACHE"
 MEMBER_RECORD = "zoo_member.json"
 REPORT = "report.json"
 EVAL_BATCH_SIZE = 16
+LOSS_WINDOW = 10
+"""The record's final losses are means over this many last steps."""
 
 
 def zoo_root(settings: ZooSettings = ZooSettings(), cache_dir: Path | str | None = None) -> Path:
@@ -54,30 +58,29 @@ def zoo_report_path(settings: ZooSettings = ZooSettings(), cache_dir: Path | str
 
 
 def build_zoo(
-    settings: ZooSettings = ZooSettings(), cache_dir: Path | str | None = None, progress: bool = True
+    settings: ZooSettings = ZooSettings(),
+    cache_dir: Path | str | None = None,
+    progress: bool = True,
+    workers: int | None = None,
 ) -> dict[str, Path]:
-    """Build whatever is missing of the zoo and return ``member -> folder``; idempotent."""
+    """Build whatever is missing of the zoo and return ``member -> folder``; idempotent.
+
+    Every member trains on one CPU thread, so its weights are the same on any machine; up to
+    ``workers`` members (default: one per available CPU) train at once in separate processes.
+    """
     root = zoo_root(settings, cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for member in MEMBERS:
-        target = root / member
-        if target.is_dir():
-            continue
-        with _exclusive(root / f".{member}.lock", f"waiting for another process building {target}"):
-            if target.is_dir():
-                continue
-            for stale in root.glob(f".tmp-{member}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            staging = root / f".tmp-{member}-{os.getpid()}"
-            try:
-                _build_member(member, settings, staging, progress)
-                os.rename(staging, target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            logger.info("zoo: built %s", target)
+    missing = [member for member in MEMBERS if not (root / member).is_dir()]
+    if missing:
+        workers = max(1, min(len(missing), workers or len(os.sched_getaffinity(0))))
+        lanes = [missing[lane::workers] for lane in range(workers)]
+        if workers == 1:
+            build_lane(missing, settings, root, progress, position=0)
+        else:
+            _run_lanes_in_subprocesses(lanes, settings, root, progress)
     report = root / REPORT
     if not report.is_file():
-        with _exclusive(root / f".{REPORT}.lock", f"waiting for another process writing {report}"):
+        with _exclusive(root / f".{REPORT}.lock", f"zoo: waiting for another process writing {report}", progress):
             if not report.is_file():
                 staging = root / f".tmp-{REPORT}-{os.getpid()}"
                 staging.write_text(json.dumps(_report(settings, root), indent=2) + "\n")
@@ -85,13 +88,79 @@ def build_zoo(
     return {member: root / member for member in MEMBERS}
 
 
+def build_lane(members: list[str], settings: ZooSettings, root: Path, progress: bool, position: int) -> None:
+    """Build ``members`` one after the other (each under its lock), single-threaded."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for member in members:
+            target = root / member
+            with _exclusive(root / f".{member}.lock", f"zoo: waiting for another process building {target}", progress):
+                if target.is_dir():
+                    continue
+                for stale in root.glob(f".tmp-{member}-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                staging = root / f".tmp-{member}-{os.getpid()}"
+                _announce(f"zoo: building {member} (first use of these settings only)", progress)
+                try:
+                    _build_member(member, settings, staging, progress, position)
+                    os.rename(staging, target)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+                _announce(f"zoo: built {target}", progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_lanes_in_subprocesses(lanes: list[list[str]], settings: ZooSettings, root: Path, progress: bool) -> None:
+    # Fresh interpreters (not fork, not multiprocessing's spawn) so that nothing of the caller is
+    # inherited or re-imported: the caller may be a DeepSpeed rank or a script without a main guard.
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+    workers = []
+    try:
+        for position, lane in enumerate(lanes):
+            job = {
+                "settings": dataclasses.asdict(settings),
+                "root": str(root),
+                "members": lane,
+                "progress": progress,
+                "position": position,
+                "log_level": logger.getEffectiveLevel(),
+            }
+            command = [sys.executable, "-m", "mlot_ds.zoo._worker", json.dumps(job)]
+            workers.append((lane, subprocess.Popen(command, env=env)))
+        failures = [(lane, worker.wait()) for lane, worker in workers]
+    finally:
+        for _, worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+                worker.wait()
+    failed = [(lane, code) for lane, code in failures if code != 0]
+    if failed:
+        details = "; ".join(f"{', '.join(lane)} (exit code {code})" for lane, code in failed)
+        raise RuntimeError(f"zoo: building {details} failed in a worker process; its error is printed above")
+
+
+def _announce(message: str, progress: bool) -> None:
+    """Through tqdm when bars are shown (so that they are not torn), else through logging."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        logger.info(message)
+
+
 @contextlib.contextmanager
-def _exclusive(lock_file: Path, waiting_message: str):
+def _exclusive(lock_file: Path, waiting_message: str, progress: bool):
     with open(lock_file, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("zoo: %s", waiting_message)
+            _announce(waiting_message, progress)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -99,13 +168,10 @@ def _exclusive(lock_file: Path, waiting_message: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def member_seed(settings: ZooSettings, member: str) -> int:
-    """A distinct seed for every (settings seed, member) pair."""
-    return settings.seed * len(MEMBERS) + MEMBERS.index(member)
-
-
-def _build_member(member: str, settings: ZooSettings, folder: Path, progress: bool) -> None:
+def _build_member(member: str, settings: ZooSettings, folder: Path, progress: bool, position: int) -> None:
     # Heavy imports here so that importing mlot_ds.zoo stays cheap.
+    import torch
+
     from mlot_ds.eval.bpb import bits_per_byte
     from mlot_ds.zoo.models import ARCHITECTURES, build_model
     from mlot_ds.zoo.tokenizer_training import train_tokenizer
@@ -114,7 +180,7 @@ def _build_member(member: str, settings: ZooSettings, folder: Path, progress: bo
     started, cpu_started = time.perf_counter(), time.process_time()
     profile = settings.resolved()
     spec = profile.members[member]
-    seed = member_seed(settings, member)
+    seed = settings.seed * len(MEMBERS) + MEMBERS.index(member)  # distinct for every (seed, member)
     records = read_records("train")[: profile.train_dialogues]
     chosen = max(1, round(spec.data_fraction * len(records)))
     subset = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), chosen))]
@@ -143,6 +209,7 @@ def _build_member(member: str, settings: ZooSettings, folder: Path, progress: bo
             learning_rate=spec.pretrain_learning_rate,
             warmup_fraction=profile.warmup_fraction,
             progress=progress,
+            position=position,
             description=f"{member} pretrain",
         )
         tune_losses: list[float] = []
@@ -157,6 +224,7 @@ def _build_member(member: str, settings: ZooSettings, folder: Path, progress: bo
                 learning_rate=spec.tune_learning_rate,
                 warmup_fraction=profile.warmup_fraction,
                 progress=progress,
+                position=position,
                 description=f"{member} tune",
             )
     record["bits_per_byte"] = bits_per_byte(
@@ -175,19 +243,14 @@ def _build_member(member: str, settings: ZooSettings, folder: Path, progress: bo
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        final_pretrain_loss=_tail_mean(pretrain_losses),
-        final_tune_loss=_tail_mean(tune_losses) if tune_losses else None,
+        final_pretrain_loss=round(statistics.fmean(pretrain_losses[-LOSS_WINDOW:]), 4),
+        final_tune_loss=round(statistics.fmean(tune_losses[-LOSS_WINDOW:]), 4) if tune_losses else None,
         eval_references=len(eval_pairs),
         eval_bytes=sum(len(response.encode("utf-8")) for response in eval_responses),
         build_seconds=round(time.perf_counter() - started, 2),
         build_cpu_seconds=round(time.process_time() - cpu_started, 2),
     )
     (folder / MEMBER_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _tail_mean(losses: list[float], window: int = 10) -> float:
-    tail = losses[-window:]
-    return round(sum(tail) / len(tail), 4)
 
 
 def _report(settings: ZooSettings, root: Path) -> dict:

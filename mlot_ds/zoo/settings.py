@@ -20,7 +20,7 @@ TEACHERS: tuple[str, ...] = MEMBERS[:3]
 STUDENT = "student"
 
 # Bump when the build code changes what it writes, so that old caches are not reused.
-ZOO_FORMAT_VERSION = 1
+ZOO_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class ZooSettings:
         for member, fields in overrides:
             if member not in MEMBERS:
                 raise ValueError(f"ZooSettings.members: unknown member {member!r}; expected one of {MEMBERS}")
-            items = fields.items() if isinstance(fields, Mapping) else fields
+            items = tuple((name, value) for name, value in (fields.items() if isinstance(fields, Mapping) else fields))
             for name, _ in items:
                 if name not in _MEMBER_FIELDS:
                     raise ValueError(f"ZooSettings.members[{member!r}]: unknown field {name!r}; expected one of {_MEMBER_FIELDS}")

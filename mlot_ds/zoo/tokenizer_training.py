@@ -16,8 +16,13 @@ byte-level ones it maps characters it never saw (emoji, rare accents) to ``<unk>
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import GPT2Tokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Tokenizer
 
 # A ChatML-style template, so that chat prompts can be exercised with a teacher that has one.
@@ -52,11 +57,6 @@ def _batches(texts: list[str]):
 
 
 def _train_llama(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
-    import tempfile
-    from pathlib import Path
-
-    import sentencepiece
-
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -99,10 +99,6 @@ def _train_student(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase
 
 
 def _train_opt(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
-    import sentencepiece
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     # The Unigram model is learnt by sentencepiece, whose trainer is deterministic with one thread
     # (the ``tokenizers`` Unigram trainer returns slightly different scores from run to run), and is
     # served by a ``tokenizers`` pipeline with the same normalisation and pre-tokenization.

@@ -96,6 +96,7 @@ def train_causal_lm(
     learning_rate: float,
     warmup_fraction: float,
     progress: bool = True,
+    position: int = 0,
     description: str = "train",
 ) -> list[float]:
     """AdamW with linear warm-up and cosine decay for ``steps`` batches; returns the loss of every step."""
@@ -117,7 +118,7 @@ def train_causal_lm(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     losses = []
-    bar = tqdm(range(steps), desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=description, disable=not progress, leave=False, dynamic_ncols=True, position=position)
     for _ in bar:
         batch = next(batches)
         loss = model(**batch).loss
