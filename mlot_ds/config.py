@@ -89,6 +89,13 @@ class TeacherConfig:
     placement: str = "shard"
     """``shard`` (ZeRO-3), ``offload`` (ZeRO-3, parameters on CPU) or ``replicate`` (full copy per rank)."""
     source: str = "live"
+    """``live`` runs the teacher; ``cache`` reads what its loss needs from ``cache_dir``, built by
+    ``tools/cache_teachers.py`` (the manifest must match this recipe)."""
+    cache_dir: str | None = None
+    """This teacher's offline cache; defaults to ``<data.cache_dir or train.output_dir/cache>/teachers/<name>``."""
+    chunked_logits: bool = True
+    """Live teachers: apply the output layer in chunks to the rows the loss needs, never holding the
+    ``[B, T, V]`` logits (falls back, with a warning, for architectures not known to allow it)."""
 
 
 @dataclass
@@ -351,8 +358,9 @@ def validate(recipe: Recipe) -> None:
         _choice(teacher.pairing, PAIRINGS, f"{where}.pairing")
         _choice(teacher.placement, PLACEMENTS, f"{where}.placement")
         _choice(teacher.source, SOURCES, f"{where}.source")
-        if teacher.source == "cache":
-            raise RecipeError(f"{where}.source: 'cache' needs an offline teacher cache, which this version cannot build yet; use 'live'")
+        if teacher.source == "cache" and teacher.loss.kind == "mlot" and teacher.loss.preset == "official":
+            raise RecipeError(f"{where}.source: 'cache' cannot hold preset 'official' (it ranks over the whole batch, "
+                              "so nothing per record can be stored); use 'live' or another preset")
         _choice(teacher.loss.kind, LOSS_KINDS, f"{where}.loss.kind")
         _choice(teacher.loss.preset, MLOT_PRESETS, f"{where}.loss.preset")
         if teacher.loss.kind == "mined" and teacher.pairing != "dtw":

@@ -1,24 +1,37 @@
 """One teacher's distillation loss, split around the teacher forward so its logits can be freed.
 
-``reduce(...)`` runs right after the teacher's forward and keeps only what the loss needs (for
-MultiLevelOT the per-sequence top-k summary, for ULD and MinED the paired rows). ``terms(...)`` runs
-after the student's forward and returns the loss terms as sums plus their denominator key.
+``reduce(...)`` (from full logits) or ``reduce_hidden(...)`` (from the final hidden states and the
+output layer, chunked) runs right after the teacher's forward and keeps only what the loss needs:
+for MultiLevelOT the per-sequence top-k summary, for ULD the paired rows, for MinED the paired rows
+at the teacher ids its vocabulary map uses. An offline cache stores the same things (ULD: a
+:class:`SortedHead`). ``terms(...)`` runs after the student's forward and returns the loss terms as
+sums plus their denominator key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from mlot_ds import losses
 from mlot_ds.config import LossConfig
+from mlot_ds.losses import head as head_losses
+from mlot_ds.losses.uld import uld_sorted_head
 from mlot_ds.pairing import Pairing
 
 # Reference weights of the baselines: ULD's code uses CE + 1.5 * ULD; DSKD's MinED uses
 # 0.5 * CE + 0.5 * KL, i.e. KL weight 1 relative to CE.
 ULD_WEIGHT = 1.5
 MINED_WEIGHT = 1.0
+
+
+class SortedHead(NamedTuple):
+    """A cached ULD teacher: ``probs [B, P, h]`` largest probabilities (descending), ``tail [B, P]`` the rest."""
+
+    probs: torch.Tensor
+    tail: torch.Tensor
 
 
 @dataclass
@@ -38,6 +51,10 @@ class TeacherLoss:
         else:
             self.term_weights = {"mined": MINED_WEIGHT}
             self.denominator = "pairs"
+            if self.student_to_teacher is not None:
+                # MinED reads the teacher only at the ids its map uses: keep those columns, and map
+                # every student id to its column (``logits[..., map] == columns_logits[..., column_of]``).
+                self.teacher_columns, self.column_of_student = torch.unique(self.student_to_teacher, return_inverse=True)
 
     def pairing_for(self, pairing: Pairing, student_labels: torch.Tensor, teacher_labels: torch.Tensor):
         """The official preset re-derives both answer spans from the labels, as the released code."""
@@ -49,9 +66,30 @@ class TeacherLoss:
         """Keep what the loss needs from ``[B, Tt, m]`` logits; the caller then drops them."""
         if self.config.kind == "mlot":
             return losses.teacher_summary(teacher_logits, pairing, preset=self.hparams)
-        # ULD and MinED read only the paired rows: gather them into a compact [B, P, m] tensor.
-        rows = pairing.teacher_index.unsqueeze(-1).expand(-1, -1, teacher_logits.shape[-1])
-        return torch.gather(teacher_logits, 1, rows)
+        # ULD reads only the paired rows: gather them into a compact [B, P, m] tensor.
+        if self.config.kind == "uld":
+            rows = pairing.teacher_index.unsqueeze(-1).expand(-1, -1, teacher_logits.shape[-1])
+            return torch.gather(teacher_logits, 1, rows)
+        # MinED also reads only the U columns its map uses: [B, P, U].
+        sequence = torch.arange(pairing.mask.shape[0], device=teacher_logits.device).view(-1, 1, 1)
+        columns = self._columns(teacher_logits.device).view(1, 1, -1)
+        return teacher_logits[sequence, pairing.teacher_index.unsqueeze(2), columns]
+
+    def reduce_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, bias, pairing, gold_labels=None):
+        """:meth:`reduce` from the final hidden states ``[B, Tt, H]`` and the output layer, without
+        the full logits; also the per-sequence gold CE ``{"ce", "tokens"}`` when ``gold_labels`` is given."""
+        if self.config.kind == "mlot":
+            return head_losses.teacher_summary_from_hidden(hidden, weight, bias, pairing, preset=self.hparams,
+                                                           ce_labels=gold_labels)
+        columns = self._columns(hidden.device) if self.config.kind == "mined" else None
+        reduced = head_losses.rows_logits(hidden, weight, bias, pairing.teacher_index, columns)
+        gold = None if gold_labels is None else head_losses.ce_per_sequence_from_hidden(hidden, weight, bias, gold_labels)
+        return reduced, gold
+
+    def _columns(self, device) -> torch.Tensor:
+        if self.student_to_teacher is None:
+            raise ValueError("loss 'mined' needs the student-to-teacher vocabulary map (pairing 'dtw')")
+        return self.teacher_columns.to(device)
 
     @property
     def fuses_ce(self) -> bool:
@@ -68,8 +106,11 @@ class TeacherLoss:
             return {name: out[name] for name in names}
         compact = Pairing(pairing.student_index, _arange_like(pairing.teacher_index), pairing.mask)
         if self.config.kind == "uld":
+            if isinstance(reduced, SortedHead):
+                return {"uld": uld_sorted_head(student_logits, reduced.probs, reduced.tail, compact)["uld"]}
             return {"uld": losses.uld(student_logits, reduced, None, None, pairing=compact)["uld"]}
-        return {"mined": losses.mined_kl(student_logits, reduced, compact, self.student_to_teacher)["mined"]}
+        column_of_student = self.column_of_student.to(student_logits.device)
+        return {"mined": losses.mined_kl(student_logits, reduced, compact, column_of_student)["mined"]}
 
 
 def _arange_like(index: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from mlot_ds.engine.metrics_log import MetricLog
 from mlot_ds.engine.signals import REQUEUE_EXIT_CODE, STOP_REQUEST
 from mlot_ds.engine.teacher_loss import TeacherLoss
 from mlot_ds.engine.weights import TeacherWeights
+from mlot_ds.teachers.cache import open_caches
 from mlot_ds.teachers.loading import load_causal_lm, resolve_dtype
 from mlot_ds.teachers.pool import TeacherPool
 
@@ -75,12 +76,13 @@ class Trainer:
         self.student, *_ = deepspeed.initialize(model=student_model, config=self.ds_config,
                                                 model_parameters=[p for p in student_model.parameters()
                                                                   if p.requires_grad])
-        self.teachers = TeacherPool.load(recipe.teachers, [str(t.model) for t in inputs.teachers],
-                                         self.ds_config, recipe.train.micro_batch_size, self.device)
         self.teacher_losses = {
             t.name: TeacherLoss(t.loss, self.data.vocab_maps.get(t.name) if t.loss.kind == "mined" else None)
             for t in recipe.teachers
         }
+        self.teachers = TeacherPool.load(recipe.teachers, [str(t.model) for t in inputs.teachers],
+                                         self.ds_config, recipe.train.micro_batch_size, self.device,
+                                         caches=open_caches(recipe, inputs, self.teacher_losses))
         self.weights = TeacherWeights([t.name for t in recipe.teachers], [t.weight for t in recipe.teachers],
                                       recipe.weighting.mode, recipe.weighting.normalize,
                                       recipe.weighting.temperature)
@@ -153,7 +155,7 @@ class Trainer:
                 # The teacher's logits live only inside this call: what leaves is the loss's summary.
                 reduced[teacher.name], gold = self.teachers.reduce(
                     teacher, inputs, pairings[teacher.name], teacher_loss,
-                    with_gold_ce=self.recipe.weighting.mode == "dynamic")
+                    with_gold_ce=self.recipe.weighting.mode == "dynamic", record_ids=batch.record_ids)
                 if gold is not None:
                     totals[f"_ce_sum/{teacher.name}"] += gold["ce"].detach().float()
                     totals[f"_ce_tokens/{teacher.name}"] += float(gold["tokens"])

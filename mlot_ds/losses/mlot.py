@@ -23,11 +23,11 @@ from typing import NamedTuple
 import torch
 
 from mlot_ds.losses import official
-from mlot_ds.losses.ce import masked_ce
+from mlot_ds.losses.ce import labelled_rows, masked_ce
 from mlot_ds.losses.presets import MlotPreset, resolve_preset
 from mlot_ds.losses.ranking import StudentTopK, build_row_set, gather_log_probs, row_statistics
 from mlot_ds.losses.sinkhorn import sinkhorn_distance
-from mlot_ds.pairing import IGNORE_INDEX, Pairing, position_pairing
+from mlot_ds.pairing import Pairing, position_pairing
 
 
 class TeacherSummary(NamedTuple):
@@ -236,11 +236,7 @@ def _ce_rows(labels: torch.Tensor, logits_shape) -> tuple[torch.Tensor, torch.Te
     """Flat rows ``b * T + t`` whose next label is distilled, and those labels (HF shift)."""
     if labels.shape != logits_shape[:2]:
         raise ValueError(f"student_labels {tuple(labels.shape)} must match student_logits[:2] {tuple(logits_shape[:2])}")
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    flat = targets.reshape(-1)
-    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    return rows, flat[rows]
+    return labelled_rows(labels)
 
 
 def _plain_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

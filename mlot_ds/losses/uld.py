@@ -48,3 +48,68 @@ def uld(
         "tokens": pairing.mask.sum().to(torch.float32),
         "sequences": pairing.mask.any(dim=1).sum().to(torch.float32),
     }
+
+
+def teacher_sorted_head(teacher_logits: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``head`` largest teacher probabilities (temperature 1, descending) and the rest's mass.
+
+    Args:
+        teacher_logits: ``[..., m]`` logits of the rows ULD reads.
+        head: how many sorted probabilities to keep (all ``m`` when ``head >= m``).
+
+    Returns:
+        ``head_probs [..., min(head, m)]`` and ``tail_mass [...]`` (float32 or wider).
+    """
+    if head < 1:
+        raise ValueError(f"head must be >= 1, got {head}")
+    with torch.no_grad():
+        probs = torch.softmax(teacher_logits.to(compute_dtype_for(teacher_logits.dtype)), dim=-1)
+        head_probs = probs.topk(min(head, probs.shape[-1]), dim=-1, sorted=True).values
+        tail_mass = (1.0 - head_probs.sum(dim=-1)).clamp_(min=0.0)
+    return head_probs, tail_mass
+
+
+def uld_sorted_head(
+    student_logits: torch.Tensor, teacher_head_probs: torch.Tensor, teacher_tail_mass: torch.Tensor, pairing: Pairing
+) -> dict[str, torch.Tensor]:
+    """ULD against a teacher known only by its ``h`` largest probabilities and its tail mass (a cache).
+
+    With ``s`` and ``t`` the sorted, zero-padded rows of eq. (6), ``S = sum_{v >= h} s_v`` and
+    ``tau = sum_{v >= h} t_v`` (the stored tail mass):
+
+        ULD~ = sum_i [ sum_{v < h} |s_v - t_v| + |S - tau| ]
+
+    Exact when ``h >= m`` (``tau = 0``). Otherwise ``|S - tau| <= sum_{v >= h} |s_v - t_v| <= S +
+    tau``: the approximation never exceeds the exact loss and is below it by at most
+    ``2 * min(S, tau) <= 2 tau`` per token, and it is exact whenever one tail dominates the other
+    entry by entry. Its gradient pushes the student's tail mass towards the teacher's.
+
+    Args:
+        student_logits: ``[B, Ts, n]``.
+        teacher_head_probs: ``[B, P, h]`` descending probabilities of the paired teacher rows.
+        teacher_tail_mass: ``[B, P]``.
+        pairing: pairs; its ``teacher_index`` is not used (the teacher rows are already compact).
+
+    Returns:
+        ``{"uld": float32 sum over pairs, "tokens": pair count, "sequences": sequences with pairs}``.
+    """
+    mask = pairing.mask
+    if teacher_head_probs.shape[:2] != mask.shape or teacher_tail_mass.shape != mask.shape:
+        raise ValueError(f"teacher head {tuple(teacher_head_probs.shape)} and tail {tuple(teacher_tail_mass.shape)} "
+                         f"must start with the pairing's [B, P] = {tuple(mask.shape)}")
+    rows = pairing.student_index[mask]
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= student_logits.shape[1]):
+        raise ValueError(f"student pairing index out of range [0, {student_logits.shape[1]}): {rows.min()}..{rows.max()}")
+    b = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    dtype = compute_dtype_for(student_logits.dtype)
+    student_rows = student_logits[b, rows].to(dtype)
+    student_sorted = torch.softmax(student_rows, dim=-1).sort(dim=-1, descending=True).values
+    teacher_head = teacher_head_probs[mask].to(dtype)
+    common = min(student_sorted.shape[-1], teacher_head.shape[-1])
+    head = (student_sorted[:, :common] - teacher_head[:, :common]).abs().sum() + teacher_head[:, common:].sum()
+    tail = (student_sorted[:, common:].sum(dim=-1) - teacher_tail_mass[mask].to(dtype)).abs().sum()
+    return {
+        "uld": head + tail,
+        "tokens": mask.sum().to(torch.float32),
+        "sequences": mask.any(dim=1).sum().to(torch.float32),
+    }

@@ -1,18 +1,26 @@
-"""Frozen teachers: one no-optimizer DeepSpeed engine each (or a plain replica), run in a fixed order.
+"""Frozen teachers: one no-optimizer DeepSpeed engine each (or a plain replica, or an offline cache),
+run in a fixed order.
 
-Collective discipline: :meth:`TeacherPool.forward` is called by every rank for every micro-batch,
-and runs every teacher, in the recipe's order, exactly once. Nothing here branches on rank, so the
-ZeRO-3 parameter gathers line up across ranks.
+Collective discipline: :meth:`TeacherPool.reduce` is called by every rank for every micro-batch and
+every teacher, in the recipe's order, exactly once. Nothing here branches on rank, so the ZeRO-3
+parameter gathers line up across ranks. A cached teacher (``source: cache``) runs no forward and
+no collective, the same on every rank.
+
+Two live paths give the same results: the hidden-state path (``chunked_logits``, the default)
+applies the output layer to the needed rows only, a chunk at a time (:mod:`mlot_ds.teachers.chunked`,
+:mod:`mlot_ds.losses.head`); the full-logits path materialises the ``[B, T, V]`` logits first.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from mlot_ds.config import TeacherConfig
 from mlot_ds.engine.ds_config import teacher_ds_config
+from mlot_ds.teachers import chunked
 from mlot_ds.teachers.loading import load_causal_lm, resolve_dtype
 
 
@@ -20,9 +28,14 @@ from mlot_ds.teachers.loading import load_causal_lm, resolve_dtype
 class Teacher:
     name: str
     config: TeacherConfig
-    module: torch.nn.Module
-    """A DeepSpeed inference engine (``shard``/``offload``) or the model itself (``replicate``)."""
+    module: torch.nn.Module | None
+    """A DeepSpeed inference engine (``shard``/``offload``), the model itself (``replicate``), or
+    ``None`` for a cached teacher."""
     model_path: str
+    hidden_path: bool = False
+    """Apply the output layer in chunks to the needed rows (see :mod:`mlot_ds.teachers.chunked`)."""
+    cache: object = None
+    """A :class:`mlot_ds.teachers.cache.TeacherCache` when ``source: cache``."""
 
 
 class TeacherPool:
@@ -34,13 +47,17 @@ class TeacherPool:
 
     @classmethod
     def load(cls, configs: list[TeacherConfig], model_paths: list[str], student_ds_config: dict,
-             micro_batch_size: int, device: torch.device) -> "TeacherPool":
+             micro_batch_size: int, device: torch.device, caches: dict | None = None) -> "TeacherPool":
+        """Load the live teachers; ``caches`` maps each ``source: cache`` teacher's name to its opened cache."""
         import deepspeed
 
         bf16 = bool(student_ds_config.get("bf16", {}).get("enabled", False))
         teachers = []
         for index, (config, path) in enumerate(zip(configs, model_paths)):
             where = f"teachers[{index}] ({config.name})"
+            if config.source == "cache":
+                teachers.append(Teacher(config.name, config, None, str(path), cache=(caches or {})[config.name]))
+                continue
             dtype = resolve_dtype(config.dtype, bf16)
             if config.placement == "replicate":
                 model = load_causal_lm(path, dtype=dtype, trust_remote_code=config.trust_remote_code,
@@ -54,7 +71,11 @@ class TeacherPool:
             module.eval()
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
-            teachers.append(Teacher(config.name, config, module, str(path)))
+            reason = chunked.unsupported_reason(chunked.inner_model(module)) if config.chunked_logits else None
+            if reason is not None:
+                warnings.warn(f"{where}: chunked_logits falls back to full logits: {reason}", stacklevel=2)
+            teachers.append(Teacher(config.name, config, module, str(path),
+                                    hidden_path=config.chunked_logits and reason is None))
         return cls(teachers, device)
 
     def __iter__(self):
@@ -71,13 +92,37 @@ class TeacherPool:
         return output.logits
 
     @torch.no_grad()
-    def reduce(self, teacher: Teacher, inputs, pairing, teacher_loss, *, with_gold_ce: bool):
-        """Run one teacher and keep only what its loss needs (and, for dynamic weights, its summed
-        cross-entropy on the gold response). The full logits are freed before this returns."""
-        from mlot_ds.losses import masked_ce
+    def reduce(self, teacher: Teacher, inputs, pairing, teacher_loss, *, with_gold_ce: bool, record_ids=None):
+        """One teacher's contribution to a micro-batch: what its loss needs, and (``with_gold_ce``)
+        its cross-entropy on the gold response, for dynamic weights.
 
-        logits = self.logits(teacher, inputs.input_ids, inputs.attention_mask)
-        reduced = teacher_loss.reduce(logits, pairing)
-        gold = masked_ce(logits, inputs.labels.to(logits.device)) if with_gold_ce else None
-        del logits
-        return reduced, gold
+        Args:
+            inputs: the teacher's :class:`~mlot_ds.data.ModelBatch`.
+            pairing: the pairing ``teacher_loss`` uses (see :meth:`TeacherLoss.pairing_for`).
+            record_ids: ``[B]`` record ids (``-1`` = filler); needed by a cached teacher.
+
+        Returns:
+            ``(reduced, gold)``: ``reduced`` for :meth:`TeacherLoss.terms`; ``gold`` is ``None`` or
+            ``{"ce", "tokens"}`` sums plus ``"ce_per_sequence"``, ``"tokens_per_sequence"`` ``[B]``.
+            No ``[B, T, V]`` tensor outlives this call.
+        """
+        if teacher.cache is not None:
+            reduced, gold = teacher.cache.read(record_ids, inputs, pairing, teacher_loss, self.device)
+        elif teacher.hidden_path:
+            hidden = chunked.final_hidden_states(teacher.module, inputs.input_ids.to(self.device),
+                                                 inputs.attention_mask.to(self.device))
+            with chunked.gathered_output_layer(chunked.inner_model(teacher.module)) as (weight, bias):
+                reduced, gold = teacher_loss.reduce_hidden(hidden, weight, bias, pairing,
+                                                           inputs.labels.to(self.device) if with_gold_ce else None)
+            del hidden
+        else:
+            from mlot_ds.losses.ce import ce_per_sequence
+
+            logits = self.logits(teacher, inputs.input_ids, inputs.attention_mask)
+            reduced = teacher_loss.reduce(logits, pairing)
+            gold = ce_per_sequence(logits, inputs.labels.to(logits.device)) if with_gold_ce else None
+            del logits
+        if not with_gold_ce or gold is None:
+            return reduced, None
+        return reduced, {"ce": gold["ce"].sum(), "tokens": gold["tokens"].sum(),
+                         "ce_per_sequence": gold["ce"], "tokens_per_sequence": gold["tokens"]}

@@ -1,0 +1,342 @@
+"""Offline teacher cache: what a teacher's loss needs, computed once, stored memory-mapped and sharded.
+
+One folder per teacher (``TeacherConfig.cache_dir``)::
+
+    manifest.json               what the cache is bound to (see :func:`binding`) and its layout
+    chunk-00000.safetensors     the kept training records [0, R), written atomically when complete
+    chunk-00001.safetensors     records [R, 2R) ...
+
+Ranks build different chunks; a chunk file exists only once complete, so an interrupted build
+resumes with the missing ones. Every chunk holds, per record: ``record_ids`` and ``digests``
+(int64; the digest covers the teacher's input ids and its paired rows), ``pair_offsets`` (int64,
+``[r + 1]``, into the per-pair arrays), ``gold_ce`` and ``gold_tokens`` (float32, the teacher's
+summed cross-entropy on the gold response, for dynamic weights), and by loss kind:
+
+- ``mlot``: ``indices [r, G, k]`` int32, the ranked ids per sequence and temperature; ``values
+  [N, G, k]`` bfloat16, ``t^k`` of every pair (eq. 12). Exactly the live summary, rounded to bf16.
+- ``uld``: ``head [N, h]`` bfloat16, the ``h`` largest probabilities of every paired row in
+  descending order, and ``tail [N]`` float32, the rest's mass. ULD then uses
+  :func:`mlot_ds.losses.uld.uld_sorted_head`: exact for ``h >= m``, else lower by at most twice the
+  tail mass per token (documented there).
+- ``mined``: ``logits [N, U]`` bfloat16, the paired rows at the ``U`` teacher ids the MinED
+  vocabulary map uses (exact, rounded to bf16).
+
+Files are read through ``safetensors.safe_open`` (memory-mapped): only the records of a
+micro-batch are copied out. The ``official`` preset ranks over the whole batch, so it has no
+per-record cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mlot_ds import dist
+from mlot_ds.config import Recipe, RecipeError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BINDING_KEYS = ("checkpoint", "tokenizer", "template", "data", "pairing", "loss")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SAMPLED_BLOCKS, BLOCK_BYTES = 16, 1 << 16
+
+
+class TeacherCacheError(RecipeError):
+    """A teacher cache is missing, incomplete, or was built for a different setup."""
+
+
+# ------------------------------------------------------------------------------------ binding
+
+
+def cache_folder(recipe: Recipe, index: int) -> Path:
+    teacher = recipe.teachers[index]
+    if teacher.cache_dir:
+        return Path(teacher.cache_dir).expanduser()
+    return Path(recipe.data.cache_dir or Path(recipe.train.output_dir) / "cache") / "teachers" / teacher.name
+
+
+def _sha(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_hash(folder: str | Path) -> str:
+    """``config.json`` in full, and every weight file's name, size and 16 evenly spaced 64 KiB blocks.
+
+    Sampling keeps this fast on multi-GB checkpoints; any re-trained or re-saved model changes it.
+    """
+    root = Path(folder)
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    for path in sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            for block in range(SAMPLED_BLOCKS):
+                handle.seek(max(0, (size - BLOCK_BYTES) * block // (SAMPLED_BLOCKS - 1)))
+                digest.update(handle.read(BLOCK_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def _files_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(recipe: Recipe, student_tokenizer) -> str:
+    """The training records (file contents and loading settings) and how the student side sees them."""
+    from mlot_ds.engine.resolve import data_path
+    from mlot_ds.pairing.surface import tokenizer_fingerprint
+
+    train, student = recipe.data.train, recipe.student
+    return _sha({
+        "files": _files_hash(data_path(train, "data.train")), "adapter": train.adapter, "fields": train.fields,
+        "limit": train.limit, "bad_rows": recipe.data.bad_rows, "max_length": recipe.data.max_length,
+        "student_tokenizer": tokenizer_fingerprint(student_tokenizer), "student_template": dataclasses.asdict(student.template),
+        "student_append_eos": student.append_eos, "distill_final_eos": student.distill_final_eos,
+    })
+
+
+def loss_settings(teacher_loss) -> dict:
+    """What decides the cached content: MultiLevelOT's k and temperatures, MinED's map; ULD nothing."""
+    kind = teacher_loss.config.kind
+    if kind == "mlot":
+        if teacher_loss.hparams.is_official:
+            raise TeacherCacheError("preset 'official' ranks over the whole batch and cannot be cached per record")
+        return {"kind": kind, "k": teacher_loss.hparams.k, "temperatures": list(teacher_loss.hparams.temperatures())}
+    if kind == "mined":
+        return {"kind": kind, "vocab_map": _sha(teacher_loss.student_to_teacher.tolist())}
+    return {"kind": kind}
+
+
+def binding(recipe: Recipe, index: int, model_path, teacher_tokenizer, student_tokenizer, teacher_loss) -> dict:
+    """What a cache is bound to: teacher checkpoint, tokenizer, prompt template, data, pairing, loss."""
+    from mlot_ds.pairing.surface import tokenizer_fingerprint
+
+    teacher = recipe.teachers[index]
+    return {
+        "checkpoint": checkpoint_hash(model_path),
+        "tokenizer": tokenizer_fingerprint(teacher_tokenizer)[:16],
+        "template": {**dataclasses.asdict(teacher.template), "append_eos": teacher.append_eos},
+        "data": data_fingerprint(recipe, student_tokenizer),
+        "pairing": teacher.pairing,
+        "loss": loss_settings(teacher_loss),
+    }
+
+
+def check_binding(found: dict, expected: dict, where: str, folder: Path) -> None:
+    """Raise one :class:`TeacherCacheError` naming every bound setting that differs."""
+    differences = [f"{key} (cache: {found.get(key)!r}, this run: {expected[key]!r})"
+                   for key in BINDING_KEYS if found.get(key) != expected[key]]
+    if differences:
+        raise TeacherCacheError(
+            f"{where}: the teacher cache {folder} was built for a different setup; differs: "
+            f"{'; '.join(differences)}. Rebuild it with tools/cache_teachers.py (same recipe and overrides), "
+            f"or set the teacher's source to live"
+        )
+
+
+def record_digests(input_ids: torch.Tensor, attention_mask: torch.Tensor, pairing) -> list[int]:
+    """Per row: a 64-bit hash of the teacher's input ids and its paired teacher rows."""
+    ids, lengths = input_ids.cpu(), attention_mask.sum(dim=1).cpu()
+    rows, mask = pairing.teacher_index.cpu(), pairing.mask.cpu()
+    digests = []
+    for b in range(ids.shape[0]):
+        digest = hashlib.blake2b(ids[b, : int(lengths[b])].numpy().tobytes(), digest_size=8)
+        digest.update(rows[b][mask[b]].numpy().tobytes())
+        digests.append(int.from_bytes(digest.digest(), "little", signed=True))
+    return digests
+
+
+def chunk_path(folder: Path, chunk: int) -> Path:
+    return folder / f"chunk-{chunk:05d}.safetensors"
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+class TeacherCache:
+    """A complete cache folder, opened for reading; :meth:`read` gives what ``TeacherPool.reduce`` gives."""
+
+    def __init__(self, folder: Path, manifest: dict, where: str):
+        from safetensors import safe_open
+
+        self.folder, self.manifest, self.where = folder, manifest, where
+        self.kind = manifest["binding"]["loss"]["kind"]
+        self.temperatures = tuple(manifest["binding"]["loss"].get("temperatures", ()))
+        self._handles, self._records = [], {}
+        for chunk in range(manifest["num_chunks"]):
+            handle = safe_open(str(chunk_path(folder, chunk)), framework="pt")
+            small = {name: handle.get_tensor(name) for name in ("record_ids", "digests", "pair_offsets", "gold_ce",
+                                                                  "gold_tokens") + (("indices",) if self.kind == "mlot" else ())}
+            self._handles.append(handle)
+            for row, record in enumerate(small["record_ids"].tolist()):
+                self._records[record] = (chunk, row, small)
+
+    @classmethod
+    def open(cls, folder: Path, expected: dict, where: str, num_records: int) -> "TeacherCache":
+        """Open and verify: the manifest's binding equals ``expected`` and every chunk is there."""
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file():
+            raise TeacherCacheError(f"{where}.source: 'cache' but {manifest_path} does not exist; build it with "
+                                    f"tools/cache_teachers.py --recipe <this recipe> (or set {where}.cache_dir)")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT_VERSION:
+            raise TeacherCacheError(f"{where}: {manifest_path} has format {manifest.get('format')}, expected {FORMAT_VERSION}; rebuild it")
+        check_binding(manifest["binding"], expected, where, folder)
+        if manifest["num_records"] != num_records:
+            raise TeacherCacheError(f"{where}: the cache {folder} holds {manifest['num_records']} records, this run "
+                                    f"trains on {num_records}; rebuild it")
+        missing = [c for c in range(manifest["num_chunks"]) if not chunk_path(folder, c).is_file()]
+        if missing:
+            raise TeacherCacheError(f"{where}: the cache {folder} is incomplete ({len(missing)} of {manifest['num_chunks']} "
+                                    f"chunks missing); run tools/cache_teachers.py again to finish it")
+        return cls(folder, manifest, where)
+
+    def read(self, record_ids: torch.Tensor, inputs, pairing, teacher_loss, device: torch.device):
+        """``(reduced, gold)`` for one micro-batch, as the live teacher would give them (bf16-rounded)."""
+        from mlot_ds.engine.teacher_loss import SortedHead
+        from mlot_ds.losses import TeacherSummary
+
+        if record_ids is None:
+            raise ValueError(f"{self.where}: a cached teacher needs the batch's record_ids")
+        mask = pairing.mask.cpu()
+        batch, width = mask.shape
+        counts, digests = mask.sum(dim=1).tolist(), record_digests(inputs.input_ids, inputs.attention_mask, pairing)
+        gold = {"ce": torch.zeros(batch), "tokens": torch.zeros(batch)}
+        parts = []
+        for b, record in enumerate(record_ids.tolist()):
+            if record < 0:  # filler row: no labels, no pairs
+                continue
+            if record not in self._records:
+                raise TeacherCacheError(f"{self.where}: record {record} is not in the cache {self.folder}; rebuild it")
+            chunk, row, small = self._records[record]
+            start, stop = small["pair_offsets"][row : row + 2].tolist()
+            if stop - start != counts[b] or int(small["digests"][row]) != digests[b]:
+                raise TeacherCacheError(f"{self.where}: record {record} was cached from other tokens or pairs than this "
+                                        f"run's ({stop - start} vs {counts[b]} pairs); rebuild {self.folder}")
+            gold["ce"][b], gold["tokens"][b] = small["gold_ce"][row], small["gold_tokens"][row]
+            parts.append((b, chunk, row, small, start, stop))
+        if self.kind == "mlot":
+            groups, k = len(self.temperatures), self._width("values", 2)
+            indices = torch.zeros(groups, batch, k, dtype=torch.long)
+            values = torch.zeros(groups, batch, width, k)
+            for b, chunk, row, small, start, stop in parts:
+                indices[:, b] = small["indices"][row].long()
+                values[:, b, : stop - start] = self._handles[chunk].get_slice("values")[start:stop].float().permute(1, 0, 2)
+            reduced = TeacherSummary(self.temperatures, indices.to(device), values.to(device))
+        elif self.kind == "uld":
+            probs, tail = torch.zeros(batch, width, self._width("head", 1)), torch.zeros(batch, width)
+            for b, chunk, row, small, start, stop in parts:
+                probs[b, : stop - start] = self._handles[chunk].get_slice("head")[start:stop].float()
+                tail[b, : stop - start] = self._handles[chunk].get_slice("tail")[start:stop]
+            reduced = SortedHead(probs.to(device), tail.to(device))
+        else:
+            logits = torch.zeros(batch, width, self._width("logits", 1))
+            for b, chunk, row, small, start, stop in parts:
+                logits[b, : stop - start] = self._handles[chunk].get_slice("logits")[start:stop].float()
+            reduced = logits.to(device)
+        return reduced, {name: value.to(device) for name, value in gold.items()}
+
+    def _width(self, name: str, dim: int) -> int:
+        return self._handles[0].get_slice(name).get_shape()[dim]
+
+
+def open_caches(recipe: Recipe, inputs, teacher_losses: dict) -> dict[str, TeacherCache]:
+    """Open and verify the cache of every ``source: cache`` teacher (``inputs``: a ``RunInputs``)."""
+    caches = {}
+    for index, teacher in enumerate(recipe.teachers):
+        if teacher.source != "cache":
+            continue
+        where = f"teachers[{index}]"
+        expected = binding(recipe, index, inputs.teachers[index].model, inputs.teacher_tokenizers[teacher.name],
+                           inputs.student_tokenizer, teacher_losses[teacher.name])
+        caches[teacher.name] = TeacherCache.open(cache_folder(recipe, index), expected, where, inputs.data.num_records)
+    return caches
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def chunk_tensors(kind: str, reduced, gold: dict, pairing, record_ids: torch.Tensor, digests: list[int],
+                  uld_head: int) -> dict[str, torch.Tensor]:
+    """One micro-batch's real records as cache arrays (CPU); pairs stay in row-major (b, p) order."""
+    from mlot_ds.losses.uld import teacher_sorted_head
+
+    mask, real = pairing.mask.cpu(), record_ids.cpu() >= 0
+    if mask[~real].any():
+        raise ValueError("a filler row has pairs")
+    out = {"record_ids": record_ids.cpu()[real], "digests": torch.tensor(digests, dtype=torch.long)[real],
+           "pair_counts": mask.sum(dim=1)[real], "gold_ce": gold["ce_per_sequence"].float().cpu()[real],
+           "gold_tokens": gold["tokens_per_sequence"].float().cpu()[real]}
+    if kind == "mlot":
+        out["indices"] = reduced.indices.permute(1, 0, 2).cpu()[real].to(torch.int32)
+        out["values"] = reduced.values.permute(1, 2, 0, 3).cpu()[mask].to(torch.bfloat16)
+    elif kind == "uld":
+        head, tail = teacher_sorted_head(reduced.cpu()[mask], uld_head)
+        out["head"], out["tail"] = head.to(torch.bfloat16), tail.float()
+    else:
+        out["logits"] = reduced.cpu()[mask].to(torch.bfloat16)
+    return out
+
+
+def write_chunk(folder: Path, chunk: int, parts: list[dict[str, torch.Tensor]]) -> None:
+    """Concatenate a chunk's micro-batch arrays and write them atomically (temporary file, rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {name: torch.cat([part[name] for part in parts]).contiguous() for name in parts[0] if name != "pair_counts"}
+    counts = torch.cat([part["pair_counts"] for part in parts])
+    tensors["pair_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    temporary = folder / f".chunk-{chunk:05d}.rank{dist.rank()}.tmp"
+    save_file(tensors, str(temporary), metadata={"format": str(FORMAT_VERSION)})
+    os.replace(temporary, chunk_path(folder, chunk))
+
+
+def prepare_folder(folder: Path, manifest: dict, where: str, overwrite: bool) -> None:
+    """Collective: check an existing cache's manifest (every rank), then rank 0 (re)writes it.
+
+    A cache with the same binding and layout is resumed; a different one is an error unless
+    ``overwrite``, which deletes it first.
+    """
+    existing = folder / MANIFEST
+    found = json.loads(existing.read_text()) if existing.is_file() else None
+    layout = ("format", "num_records", "chunk_records", "uld_head")
+    stale = found is not None and (found.get("binding") != manifest["binding"]
+                                   or any(found.get(key) != manifest[key] for key in layout))
+    if stale and not overwrite:
+        check_binding(found.get("binding", {}), manifest["binding"], where, folder)
+        raise TeacherCacheError(f"{where}: the cache {folder} has another layout "
+                                f"({', '.join(f'{k}={found.get(k)}' for k in layout)}); pass --overwrite to rebuild it")
+
+    def write():
+        if stale:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / (MANIFEST + ".tmp")
+        temporary.write_text(json.dumps(manifest, indent=2))
+        os.replace(temporary, existing)
+
+    dist.rank0_then_barrier(write)
+
+
+def pending_chunks(folder: Path, num_chunks: int, max_chunks: int | None) -> list[int]:
+    """Collective: the chunks still to build, as rank 0 sees them (every rank gets the same list)."""
+    missing = [c for c in range(num_chunks) if not chunk_path(folder, c).is_file()]
+    return dist.broadcast_object(missing[:max_chunks] if max_chunks is not None else missing)
+
+
+def rounds(pending: list[int], chunk_sizes: list[int], micro_batch_size: int, world: int):
+    """Lockstep schedule: per round, each rank's chunk (or ``None``) and the forwards every rank runs."""
+    for start in range(0, len(pending), world):
+        group = pending[start : start + world]
+        forwards = max(math.ceil(chunk_sizes[c] / micro_batch_size) for c in group)
+        yield group + [None] * (world - len(group)), forwards
