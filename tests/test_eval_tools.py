@@ -3,6 +3,7 @@ round trip through the jsonl adapter and a recipe."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import socket
@@ -79,21 +80,25 @@ def test_evaluate_an_export_and_its_checkpoint_agree(trained, tiny_zoo, tmp_path
         assert len(report["predictions"]) == 5 and len(report["predictions"][0]["references"]) == 3
 
 
-def test_evaluate_bad_paths_fail_with_one_clear_error(tiny_zoo, tmp_path):
-    missing = tool("evaluate.py", [tmp_path / "nope", "--adapter", "dialogsum", "--path", "builtin:dialogsum/test"],
-                   tiny_zoo, tmp_path, "missing")
-    assert missing.returncode == 2 and f"{tmp_path / 'nope'}: no such file or folder" in missing.log_text
+def test_evaluate_bad_paths_fail_with_one_clear_error(tiny_zoo, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    test_set = ["--adapter", "dialogsum", "--path", "builtin:dialogsum/test"]
+
+    assert evaluate.main([str(tmp_path / "nope"), *test_set]) == 2
+    assert f"{tmp_path / 'nope'}: no such file or folder" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    neither = tool("evaluate.py", [empty, "--adapter", "dialogsum", "--path", "builtin:dialogsum/test"], tiny_zoo,
-                   tmp_path, "neither")
-    assert neither.returncode == 2 and "neither a model folder" in neither.log_text
+    assert evaluate.main([str(empty), *test_set]) == 2
+    assert "neither a model folder" in capsys.readouterr().err
     from mlot_ds.zoo import ZooSettings, zoo_member_path
 
     student = zoo_member_path("student", ZooSettings(profile="tiny"), cache_dir=tiny_zoo)
-    no_data = tool("evaluate.py", [student, "--adapter", "dialogsum", "--path", tmp_path / "missing.jsonl"], tiny_zoo,
-                   tmp_path, "nodata")
-    assert no_data.returncode == 2 and "missing.jsonl: no such file or folder" in no_data.log_text
+    assert evaluate.main([str(student), "--adapter", "dialogsum", "--path", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such file or folder" in capsys.readouterr().err
+    assert evaluate.main([str(student), *test_set, "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
 
 
 def test_teacher_responses_round_trip_through_the_jsonl_adapter_and_a_recipe(tiny_zoo, tmp_path, monkeypatch):

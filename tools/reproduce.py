@@ -96,7 +96,7 @@ def parse_args(argv):
     parser.add_argument("--methods", default=None, help="comma list of setting/method, e.g. labeled/sft,unlabeled/uld")
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = {"profile": "tiny" if quick else "default", "seeds": 1 if quick else 3, "steps": 3 if quick else 60,
+    defaults = {"profile": "tiny" if quick else "default", "seeds": 1 if quick else 3, "steps": 3 if quick else 120,
                 "eval_limit": 4 if quick else 100, "max_new_tokens": 8 if quick else 48}
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -279,10 +279,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def scale_of(args, members) -> dict:
-    from mlot_ds.zoo.settings import PROFILES
+    from mlot_ds.zoo.settings import PROFILES, ZooSettings
 
     profile = PROFILES[args.profile]
-    return {"zoo_profile": args.profile, "zoo_members": {name: dataclasses.asdict(spec) for name, spec in profile.members.items()},
+    fingerprint = ZooSettings(profile=args.profile, seed=0).fingerprint()
+    return {"zoo_profile": args.profile, "zoo_fingerprint": fingerprint, "zoo_members": {name: dataclasses.asdict(spec) for name, spec in profile.members.items()},
             "seeds": args.seeds, "steps": args.steps, "micro_batch": args.micro_batch, "lr": args.lr,
             "train_records": args.train_records, "eval_records": args.eval_limit, "max_new_tokens": args.max_new_tokens,
             "max_length": args.max_length, "teacher": args.teacher, "world_size": 1, "device": "cpu"}

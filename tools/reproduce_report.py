@@ -63,7 +63,8 @@ def markdown(run: dict, summary: dict, chart_name: str) -> str:
              f"(load average {run['load_average']['start'][0]:.1f} at the start, {run['load_average']['end'][0]:.1f} "
              "at the end; other engineers' jobs shared the 2 cores).", "",
              "## Scale", "",
-             f"- Zoo profile `{scale['zoo_profile']}` (members below), world size 1 on the CPU, float32.",
+             f"- Zoo profile `{scale['zoo_profile']}` (fingerprint `{scale.get('zoo_fingerprint', '?')}`, members below), "
+             "world size 1 on the CPU, float32.",
              f"- {scale['seeds']} seed(s); {scale['steps']} optimizer steps of {scale['micro_batch']} records "
              f"(lr {scale['lr']:g}, linear warmup then decay as the engine does); the first {scale['train_records']} "
              "records of the bundled DialogSum train sample.",
