@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="default", help="zoo profile: default | tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $MLOT_DS_CACHE or ~/.cache/mlot_ds")
+    parser.add_argument("--workers", type=int, default=None, help="members built at once (default: one per CPU)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -69,12 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     from mlot_ds.zoo import ZooSettings, build_zoo, zoo_report_path
 
     settings = ZooSettings(profile=args.profile, seed=args.seed)
-    members = build_zoo(settings, cache_dir=args.cache_dir, progress=not args.no_progress)
-    for name, path in members.items():
-        print(f"{name}: {path}")
+    members = build_zoo(settings, cache_dir=args.cache_dir, progress=not args.no_progress, workers=args.workers)
     report_file = zoo_report_path(settings, args.cache_dir)
-    print(f"report: {report_file}")
-    print(json.dumps(json.loads(report_file.read_text()), indent=2))
+    report = json.loads(report_file.read_text())
+    print(f"{'member':<14} {'architecture':<18} {'tokenizer':<18} {'vocab tok/model':>15} {'params':>9} {'bpb':>7} {'build s':>8}")
+    for name, path in members.items():
+        record = report["members"][name]
+        vocab = f"{record['tokenizer_vocab']}/{record['model_vocab']}"
+        print(
+            f"{name:<14} {record['architecture']:<18} {record['tokenizer_class']:<18} {vocab:>15} "
+            f"{record['parameters']:>9,} {record['bits_per_byte']:>7.3f} {record['build_seconds']:>8.1f}"
+        )
+    print(f"untrained student: {report['student_untrained_bits_per_byte']:.3f} bpb")
+    margins = ", ".join(f"{t} {m:.1%}" for t, m in report["teacher_margin_over_student"].items())
+    print(f"teachers below the student's bits-per-byte by: {margins}")
+    print(f"whole build: {report['build_wall_seconds']} s wall (None = reused)")
+    print(f"zoo: {report_file.parent}\nreport: {report_file}")
     return 0
 
 

@@ -20,7 +20,7 @@ TEACHERS: tuple[str, ...] = MEMBERS[:3]
 STUDENT = "student"
 
 # Bump when the build code changes what it writes, so that old caches are not reused.
-ZOO_FORMAT_VERSION = 2
+ZOO_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
