@@ -187,8 +187,8 @@ class Trainer:
                 # Zero gradient that still walks the whole graph, so every rank runs the same
                 # backward collectives; the update itself is suppressed below.
                 loss = student_logits.sum() * 0.0
-            if not skipped:
-                totals["train/loss"] += loss.detach().float()
+            # Every rank must hold the same metric keys (they are all-reduced as one vector).
+            totals["train/loss"] += 0.0 if skipped else loss.detach().float()
             self.student.backward(loss * scale)
             if skipped and self.student.is_gradient_accumulation_boundary():
                 self._suppress_update()
