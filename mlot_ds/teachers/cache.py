@@ -195,7 +195,8 @@ class TeacherCache:
         check_binding(manifest["binding"], expected, where, folder)
         if manifest["num_records"] != num_records:
             raise TeacherCacheError(f"{where}: the cache {folder} holds {manifest['num_records']} records, this run "
-                                    f"trains on {num_records}; rebuild it")
+                                    f"trains on {num_records} (the data, its limits or the few-shot examples changed); "
+                                    f"rebuild it")
         missing = [c for c in range(manifest["num_chunks"]) if not chunk_path(folder, c).is_file()]
         if missing:
             raise TeacherCacheError(f"{where}: the cache {folder} is incomplete ({len(missing)} of {manifest['num_chunks']} "
