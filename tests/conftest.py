@@ -35,7 +35,9 @@ def job_env(zoo_cache: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"MLOT_DS_CACHE": str(zoo_cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1"})
+                "OMP_NUM_THREADS": "1",
+                # Subprocesses import this checkout's mlot_ds, whatever `pip install -e` points at.
+                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
     env.update(extra)
     return env
 
