@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlot_ds.eval import bits_per_byte
@@ -27,15 +28,21 @@ def test_default_teachers_clearly_beat_the_student():
     test = read_records("test")[: settings.resolved().eval_dialogues]
     pairs = [(render_context(r["dialogue"]), render_response(s)) for r in test for s in reference_summaries(r)]
 
-    # Recompute from the saved checkpoints: the report must describe what was written to disk.
+    # Recompute from the saved checkpoints: the report must describe what was written to disk. One
+    # thread, like the build itself (and far faster than two on a busy 2-core machine).
     measured = {}
-    for member in MEMBERS:
-        model = AutoModelForCausalLM.from_pretrained(paths[member])
-        tokenizer = AutoTokenizer.from_pretrained(paths[member])
-        measured[member] = bits_per_byte(
-            model, tokenizer, [c for c, _ in pairs], [r for _, r in pairs], batch_size=16, device="cpu"
-        )
-        assert measured[member] == pytest.approx(report["bits_per_byte"][member], abs=1e-3), member
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for member in MEMBERS:
+            model = AutoModelForCausalLM.from_pretrained(paths[member])
+            tokenizer = AutoTokenizer.from_pretrained(paths[member])
+            measured[member] = bits_per_byte(
+                model, tokenizer, [c for c, _ in pairs], [r for _, r in pairs], batch_size=16, device="cpu"
+            )
+            assert measured[member] == pytest.approx(report["bits_per_byte"][member], abs=1e-3), member
+    finally:
+        torch.set_num_threads(threads)
 
     student = measured["student"]
     assert student < report["student_untrained_bits_per_byte"], "student pretraining did not help"
