@@ -85,7 +85,12 @@ BAD_RECIPES = [
     (lambda r: r["student"]["template"].update(kind="alpaca"), "student.template.kind: expected one of plain, chat"),
     (lambda r: r["teachers"][0].update(model="/nonexistent/teacher"), "teachers[0].model: model folder not found"),
     (lambda r: r["teachers"][0]["loss"].update(overrides={"kk": 3}), "teachers[0].loss"),
-    (lambda r: r["teachers"][0].update(source="cache"), "teachers[0].source"),
+    (lambda r: r["teachers"][0].update(source="cache", loss={"kind": "mlot", "preset": "official"}),
+     "teachers[0].source: 'cache' cannot hold preset 'official'"),
+    (lambda r: r["teachers"][1].update(source="cache", cache_dir="/nonexistent/cache"),
+     "teachers[1].source: 'cache' but /nonexistent/cache/manifest.json does not exist"),
+    (lambda r: r["eval"].update(best_metric="eval/bleu", every=5), "eval.best_metric: expected one of"),
+    (lambda r: r["eval"].update(best_metric="eval/rouge_lsum", every=0), "eval.best_metric: needs periodic evaluation"),
     (lambda r: r.update(student="zoo:student"), "student: expected a mapping"),
     (lambda r: r["eval"].update(limit=0), "eval.limit: expected an integer >= 1"),
 ]

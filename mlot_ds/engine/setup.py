@@ -49,6 +49,7 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
     eval_path = resolve.data_path(recipe.data.eval, "data.eval") if recipe.data.eval is not None else None
     if check_only:
         student, teachers = _resolve_without_building(recipe)
+        _check_teacher_caches_exist(recipe)
     else:
         dist.rank0_then_barrier(lambda: resolve.build_zoo_if_needed(recipe, progress=progress))
         student, teachers = resolve.resolve_models(recipe)
@@ -129,3 +130,14 @@ def _resolve_without_building(recipe: Recipe):
         if not (config.tokenizer or config.model).startswith(resolve.ZOO_PREFIX) and not Path(resolved.tokenizer).is_dir():
             raise RecipeError(f"{resolved.where}.tokenizer: folder not found: {resolved.tokenizer}")
     return student, teachers
+
+
+def _check_teacher_caches_exist(recipe: Recipe) -> None:
+    """A dry run checks that every ``source: cache`` teacher has a built cache (the real run also
+    verifies its manifest against the recipe, which needs the tokenized data)."""
+    from mlot_ds.teachers.cache import MANIFEST, cache_folder
+
+    for index, teacher in enumerate(recipe.teachers):
+        if teacher.source == "cache" and not (cache_folder(recipe, index) / MANIFEST).is_file():
+            raise RecipeError(f"teachers[{index}].source: 'cache' but {cache_folder(recipe, index) / MANIFEST} does not "
+                              f"exist; build it with tools/cache_teachers.py --recipe <this recipe>")
