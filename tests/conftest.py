@@ -22,13 +22,18 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory) -> Path:
+def tiny_zoo_cache(tmp_path_factory) -> Path:
     """The tiny zoo, built once per session into a private cache (MLOT_DS_CACHE for subprocesses)."""
     from mlot_ds.zoo import ZooSettings, build_zoo
 
     cache = Path(os.environ.get("MLOT_DS_TEST_ZOO_CACHE") or tmp_path_factory.mktemp("zoo-cache"))
     build_zoo(ZooSettings(profile="tiny"), cache_dir=cache, progress=False)
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tiny_zoo_cache) -> Path:
+    return tiny_zoo_cache
 
 
 def job_env(zoo_cache: Path, **extra: str) -> dict[str, str]:

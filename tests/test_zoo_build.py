@@ -23,8 +23,9 @@ FIXED_SENTENCE = "#Person1#: Hello, Mr. Smith! Your appointment is at 10:30 tomo
 
 
 @pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("zoo-cache")
+def tiny_zoo(request):
+    # The session's tiny zoo from conftest.py (built once for every test file), with its paths.
+    cache = request.getfixturevalue("tiny_zoo_cache")
     return cache, build_zoo(TINY, cache_dir=cache, progress=False)
 
 
