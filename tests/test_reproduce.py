@@ -64,9 +64,9 @@ def test_report_means_spreads_gap_and_kept_analysis(tmp_path):
     paths = report.write_report(tmp_path, hand_run())
     text = (tmp_path / "unit.md").read_text()
     # SFT: mean 12, sample std of (10, 14) = 2.83; ULD: one finished run of two, no spread.
-    assert "| labeled | SFT | 2 | 12.00 ± 2.83 | 3.00 ± 0.00 | +0% | +0% | 3 |" in text
+    assert "| labeled | SFT | 2 | 12.00 ± 2.83 | 3.000 ± 0.000 | +0% | +0% | 3 |" in text
     # ULD closes (22 - 12) / (30 - 12) = 56% of the ROUGE gap and (2 - 3) / (1 - 3) = 50% in bits per byte.
-    assert "| labeled | ULD | 2 (1 failed) | 22.00 | 2.00 | +56% | +50% | 2 |" in text
+    assert "| labeled | ULD | 2 (1 failed) | 22.00 | 2.000 | +56% | +50% | 2 |" in text
     assert "Labeled ranking by mean ROUGE-LSum: ULD (22.00) > SFT (12.00)" in text
     assert text.endswith("## Analysis\n\nHand-written text.\n") and "# old" not in text
     assert json.loads((tmp_path / "unit.json").read_text())["rows"][0]["method"] == "Teacher llama"

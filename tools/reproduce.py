@@ -51,8 +51,8 @@ class Method:
     data: str = "setting"
     """``setting``: the setting's training data; ``teacher``: always the teacher's generations (SeqKD)."""
     ce_only: bool = False
-    kept_terms: tuple[str, ...] | None = None
-    """Ablation: the MultiLevelOT terms that keep their preset weight; the others get weight 0."""
+    term_factors: tuple[tuple[str, float], ...] = ()
+    """Ablation: multiply these MultiLevelOT term weights of the preset (0 drops a term)."""
 
 
 METHODS = {
@@ -65,8 +65,11 @@ METHODS = {
     "mlot-default": Method("MLOT (default)"),
     "mlot-3t-static": Method("MLOT 3 teachers, static", teachers=tuple(TEACHER_MEMBERS)),
     "mlot-3t-dynamic": Method("MLOT 3 teachers, dynamic", teachers=tuple(TEACHER_MEMBERS), weighting="dynamic"),
-    "ablation-had": Method("Ablation: HAD only", kept_terms=("had",)),
-    "ablation-had-sl": Method("Ablation: HAD + SL", kept_terms=("had", "sl")),
+    "ablation-had": Method("Ablation: HAD only", term_factors=(("sl", 0.0), ("sd", 0.0))),
+    "ablation-had-sl": Method("Ablation: HAD + SL", term_factors=(("sd", 0.0),)),
+    # Weight probes for the default preset (not in the paper): SD made visible, all terms a third.
+    "weights-sd-x100": Method("Default, SD weight x100", term_factors=(("sd", 100.0),)),
+    "weights-third": Method("Default, all weights / 3", term_factors=(("had", 1 / 3), ("sl", 1 / 3), ("sd", 1 / 3))),
 }
 FULL_PLAN = {
     "labeled": ["sft", "seqkd", "mined", "uld", "mlot-paper", "mlot-official", "mlot-default", "mlot-3t-static",
@@ -93,6 +96,8 @@ def parse_args(argv):
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--teacher", choices=tuple(TEACHER_MEMBERS), default="llama",
                         help="the teacher of single-teacher methods and of the generated (unlabeled) data")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint "
+                        "(for tools/evaluate.py); by default only recipes, logs and metrics are kept")
     parser.add_argument("--methods", default=None, help="comma list of setting/method, e.g. labeled/sft,unlabeled/uld")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -148,9 +153,9 @@ def recipe_for(args, setting: str, key: str, seed: int, data_paths: dict, out: P
 
 
 @contextlib.contextmanager
-def only_terms(kept: tuple[str, ...] | None):
-    """Zero the weights of the MultiLevelOT terms not in ``kept`` for one run (the recipe cannot yet)."""
-    if kept is None:
+def scaled_terms(factors: tuple[tuple[str, float], ...]):
+    """Scale the preset's MultiLevelOT term weights for one run (the recipe cannot override them yet)."""
+    if not factors:
         yield
         return
     from mlot_ds import losses
@@ -159,7 +164,7 @@ def only_terms(kept: tuple[str, ...] | None):
 
     def ablated(preset, overrides):
         resolved = original(preset, overrides)
-        weights = {term: (weight if term in kept else 0.0) for term, weight in resolved.weights.items()}
+        weights = {term: weight * dict(factors).get(term, 1.0) for term, weight in resolved.weights.items()}
         return dataclasses.replace(resolved, weights=weights)
 
     losses.resolve_preset = ablated
@@ -178,7 +183,7 @@ def train_and_evaluate(args, setting: str, key: str, seed: int, data_paths: dict
     recipe_path.write_text(yaml.safe_dump(recipe_for(args, setting, key, seed, data_paths, out), sort_keys=False))
     started = time.perf_counter()
     with open(out / "run.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-            only_terms(METHODS[key].kept_terms):
+            scaled_terms(METHODS[key].term_factors):
         try:
             code = cli.main(["--config", str(REPO / "ds_configs" / "zero3.json"), "--recipe", str(recipe_path)])
         except SystemExit as exc:
@@ -193,7 +198,7 @@ def train_and_evaluate(args, setting: str, key: str, seed: int, data_paths: dict
             row.update({k: v for k, v in final[-1].items() if k.startswith("eval/")})
         row["train/ce_last"] = next((r["train/ce"] for r in reversed(rows) if "train/ce" in r), None)
     for checkpoint in (out / "checkpoints").glob("*"):  # keep logs and metrics, not the weights
-        if checkpoint.is_dir():
+        if checkpoint.is_dir() and not args.keep_checkpoints:
             import shutil
 
             shutil.rmtree(checkpoint, ignore_errors=True)

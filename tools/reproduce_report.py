@@ -35,7 +35,8 @@ def _cell(stats: dict, metric: str) -> str:
     if metric not in stats:
         return "n/a"
     mean, spread, _ = stats[metric]
-    return f"{mean:.2f}" if spread is None else f"{mean:.2f} ± {spread:.2f}"
+    digits = 3 if metric == BPB else 2
+    return f"{mean:.{digits}f}" if spread is None else f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
 def gap_closed(value: float, sft: float, teacher: float) -> float | None:
@@ -108,8 +109,12 @@ def markdown(run: dict, summary: dict, chart_name: str) -> str:
               "- 3 teachers: llama, qwen, opt with weights 1/3 each (static) or the engine's softmin of each "
               "teacher's gold CE (dynamic).",
               "- Ablation (default preset): HAD only = weights (1.5, 0, 0); HAD + SL = (1.5, 0.15, 0); "
-              "HAD + SL + SD is the MLOT (default) row. The presets accept no override of the term weights, so "
-              "`tools/reproduce.py` replaces them in-process for these runs.",
+              "HAD + SL + SD is the MLOT (default) row. Weight probes (not in the paper) scale the default "
+              "preset's weights: SD x100 (7.5e-3 -> 0.75) or all three / 3. The presets accept no override of the "
+              "term weights, so `tools/reproduce.py` scales them in-process for these runs.",
+              "- Labeled SeqKD and unlabeled SFT are the same job (CE on the teacher's generations, same seeds); "
+              "both rows are listed so that each table is complete, and their equal numbers show that runs are "
+              "deterministic per seed.",
               "- Not run: per-token vs per-sequence ranking (Table 3's last rows): the loss has no switch for "
               "per-token ranking."]
     return "\n".join(lines) + "\n"
