@@ -109,12 +109,10 @@ class TeacherPool:
         if teacher.cache is not None:
             reduced, gold = teacher.cache.read(record_ids, inputs, pairing, teacher_loss, self.device)
         elif teacher.hidden_path:
-            hidden = chunked.final_hidden_states(teacher.module, inputs.input_ids.to(self.device),
-                                                 inputs.attention_mask.to(self.device))
-            with chunked.gathered_output_layer(chunked.inner_model(teacher.module)) as (weight, bias):
-                reduced, gold = teacher_loss.reduce_hidden(hidden, weight, bias, pairing,
-                                                           inputs.labels.to(self.device) if with_gold_ce else None)
-            del hidden
+            labels = inputs.labels.to(self.device) if with_gold_ce else None
+            reduced, gold = chunked.reduce_with_output_layer(
+                teacher.module, inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device),
+                lambda hidden, weight, bias: teacher_loss.reduce_hidden(hidden, weight, bias, pairing, labels))
         else:
             from mlot_ds.losses.ce import ce_per_sequence
 
