@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from mlot_ds.data.sources import BadRow, DataError, iter_rows
+from mlot_ds.zoo.corpus import render_prompt as render_dialogsum_prompt
 
 ADAPTERS = ("dialogsum", "qed", "fairytaleqa", "jsonl")
 BAD_ROW_POLICIES = ("error", "skip")
@@ -76,7 +77,7 @@ def _text(values: dict, column: str, where: str, *, optional: bool = False) -> s
 
 def _dialogsum(values: dict, where: str, fields: dict) -> tuple[str, str, tuple[str, ...]]:
     dialogue = _text(values, "dialogue", where)
-    prompt = "Summarize the dialogue.\n" + dialogue + "\nSummary:"
+    prompt = render_dialogsum_prompt(dialogue)  # the zoo's teachers are tuned on exactly this text
     if "summary" in values:
         summary = _text(values, "summary", where).strip()
         return prompt, summary, (summary,)
