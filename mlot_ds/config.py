@@ -19,6 +19,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mlot_ds.losses.presets import TERMS, resolve_preset
+
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 
 PAIRINGS = ("position", "offsets", "dtw")
@@ -69,7 +71,10 @@ class LossConfig:
     preset: str = "default"
     """MultiLevelOT preset: ``default``, ``paper`` or ``official``."""
     overrides: dict = field(default_factory=dict)
-    """Named hyper-parameters of the loss, e.g. ``{k: 50, tau_sd: 2.0}``."""
+    """Named hyper-parameters of the loss, e.g. ``{k: 50, tau_sd: 2.0, ranking: token}``."""
+    weights: dict = field(default_factory=dict)
+    """Multipliers of the loss's terms, replacing the preset's: ``had``, ``sl``, ``sd`` (mlot),
+    ``uld`` (default 1.5) or ``mined`` (default 1.0); unnamed terms keep their defaults, 0 drops one."""
 
 
 @dataclass
@@ -367,6 +372,21 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"{where}.pairing: loss 'mined' needs pairing 'dtw'; got {teacher.pairing!r}")
         if teacher.loss.kind != "mlot" and teacher.loss.overrides and teacher.loss.kind != "mined":
             raise RecipeError(f"{where}.loss.overrides: loss {teacher.loss.kind!r} takes no overrides")
+        if teacher.loss.kind == "mlot":
+            try:
+                hparams = resolve_preset(teacher.loss.preset, teacher.loss.overrides)
+            except (TypeError, ValueError) as exc:
+                raise RecipeError(f"{where}.loss.overrides: {exc}") from None
+            if teacher.source == "cache" and hparams.ranking != "sequence":
+                raise RecipeError(f"{where}.loss.overrides.ranking: a cache stores one ranking per record; "
+                                  f"ranking {hparams.ranking!r} needs source 'live'")
+        terms = TERMS if teacher.loss.kind == "mlot" else (teacher.loss.kind,)
+        for term, value in teacher.loss.weights.items():
+            if term not in terms:
+                raise RecipeError(f"{where}.loss.weights.{term}: loss {teacher.loss.kind!r} has the terms "
+                                  f"{', '.join(terms)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise RecipeError(f"{where}.loss.weights.{term}: expected a non-negative number; got {value!r}")
         _positive(teacher.weight, f"{where}.weight", allow_zero=True)
     if recipe.weighting.mode == "static" and sum(t.weight for t in recipe.teachers) <= 0:
         raise RecipeError("teachers[*].weight: static weights must not all be zero")

@@ -84,7 +84,16 @@ BAD_RECIPES = [
     (lambda r: r["student"].update(model="zoo:gpt9"), "student.model: unknown zoo member 'gpt9'"),
     (lambda r: r["student"]["template"].update(kind="alpaca"), "student.template.kind: expected one of plain, chat"),
     (lambda r: r["teachers"][0].update(model="/nonexistent/teacher"), "teachers[0].model: model folder not found"),
-    (lambda r: r["teachers"][0]["loss"].update(overrides={"kk": 3}), "teachers[0].loss"),
+    (lambda r: r["teachers"][0]["loss"].update(overrides={"kk": 3}), "teachers[0].loss.overrides: unknown MultiLevelOT override(s) ['kk']"),
+    (lambda r: r["teachers"][0]["loss"].update(overrides={"ranking": "word"}), "teachers[0].loss.overrides: preset 'default': ranking must be one of"),
+    (lambda r: r["teachers"][0]["loss"].update(preset="official", overrides={"ranking": "token"}),
+     "teachers[0].loss.overrides: preset 'official': the released code ranks over the whole batch"),
+    (lambda r: r["teachers"][1].update(source="cache", loss={"kind": "mlot", "overrides": {"ranking": "token"}}),
+     "teachers[1].loss.overrides.ranking: a cache stores one ranking per record"),
+    (lambda r: r["teachers"][0]["loss"].update(weights={"uld": 1.0}), "teachers[0].loss.weights.uld: loss 'mlot' has the terms had, sl, sd"),
+    (lambda r: r["teachers"][0]["loss"].update(weights={"sd": -0.5}), "teachers[0].loss.weights.sd: expected a non-negative number"),
+    (lambda r: r["teachers"][2].update(loss={"kind": "uld", "weights": {"had": 1}}), "teachers[2].loss.weights.had: loss 'uld' has the terms uld"),
+    (lambda r: r["teachers"][0]["loss"].update(weights=[0.1]), "teachers[0].loss.weights: expected a mapping"),
     (lambda r: r["teachers"][0].update(source="cache", loss={"kind": "mlot", "preset": "official"}),
      "teachers[0].source: 'cache' cannot hold preset 'official'"),
     (lambda r: r["teachers"][1].update(source="cache", cache_dir="/nonexistent/cache"),
@@ -237,3 +246,25 @@ def test_dry_run_rejects_a_tokenizer_larger_than_the_model(tiny_zoo_env, tmp_pat
                      f"student.tokenizer={student}"])
     err = capsys.readouterr().err
     assert code == 2 and "student.tokenizer" in err and "embedding rows" in err
+
+
+def test_loss_weights_replace_the_preset_weights_term_by_term():
+    from mlot_ds.config import LossConfig
+    from mlot_ds.engine.teacher_loss import ULD_WEIGHT, TeacherLoss
+    from mlot_ds.losses import PRESETS
+
+    default = PRESETS["default"].weights
+    mlot = TeacherLoss(LossConfig(kind="mlot", preset="default", weights={"sl": 0, "sd": 0.25}))
+    assert mlot.term_weights == {"had": default["had"], "sl": 0.0, "sd": 0.25}
+    assert TeacherLoss(LossConfig(kind="mlot", preset="paper")).term_weights == dict(PRESETS["paper"].weights)
+    assert TeacherLoss(LossConfig(kind="uld")).term_weights == {"uld": ULD_WEIGHT}
+    assert TeacherLoss(LossConfig(kind="uld", weights={"uld": 0})).term_weights == {"uld": 0.0}
+    token = TeacherLoss(LossConfig(kind="mlot", overrides={"ranking": "token", "k": 7}))
+    assert (token.hparams.ranking, token.hparams.k) == ("token", 7)
+
+
+def test_loss_weights_and_ranking_load_from_dotted_overrides():
+    recipe = load_recipe(None, ["teachers.llama.loss.weights.sl=0", "teachers.llama.loss.overrides.ranking=token"])
+    assert recipe.teachers[0].loss.weights == {"sl": 0}
+    assert recipe.teachers[0].loss.overrides == {"ranking": "token"}
+    assert recipe.teachers[1].loss.weights == {} and recipe.teachers[1].loss.overrides == {}

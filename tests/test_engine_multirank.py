@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 ZERO3 = str(REPO / "ds_configs" / "zero3.json")
 TAGS_PER_TEACHER = ("had", "sl", "sd", "kd", "weight")
 TEACHERS = ("llama", "qwen", "opt")
+# The reference runs also exercise per-token ranking (chunked teacher head) and a recipe term weight.
+REFERENCE_LOSS = {"teachers.opt.loss.overrides.ranking": "token", "teachers.opt.loss.weights.sd": 0.05}
 
 
 def free_port() -> int:
@@ -54,10 +56,10 @@ def train(tmp: Path, name: str, ranks: int, zoo: Path, timeout: float = 600, **o
 def runs(tmp_path_factory, tiny_zoo):
     """Two-rank reference run (6 steps, odd record count), and the same global batch on one rank."""
     tmp = tmp_path_factory.mktemp("engine")
-    two, result_two = train(tmp, "two_ranks", 2, tiny_zoo, **{"train.save_every": 3, "eval.every": 3,
-                                                              "eval.best_metric": "eval/bits_per_byte"})
+    two, result_two = train(tmp, "two_ranks", 2, tiny_zoo, **REFERENCE_LOSS, **{
+        "train.save_every": 3, "eval.every": 3, "eval.best_metric": "eval/bits_per_byte"})
     assert result_two.returncode == 0, result_two.log_text[-4000:]
-    one, result_one = train(tmp, "one_rank", 1, tiny_zoo, **{"train.grad_accum": 2, "train.max_steps": 5,
+    one, result_one = train(tmp, "one_rank", 1, tiny_zoo, **REFERENCE_LOSS, **{"train.grad_accum": 2, "train.max_steps": 5,
                                                              "export.enabled": "false", "data.eval": "null"})
     assert result_one.returncode == 0, result_one.log_text[-4000:]
     return {"tmp": tmp, "two": two, "one": one, "log_two": result_two.log_text}
@@ -68,6 +70,20 @@ def test_two_ranks_equal_one_rank_at_the_same_global_batch(runs):
     for step in range(1, 6):
         for key in ["train/loss", "train/ce"] + [f"teacher/{t}/{term}" for t in TEACHERS for term in ("had", "sl", "sd")]:
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_each_teacher_kd_is_its_term_weights_times_its_terms(runs):
+    """kd = sum_term weight * term: the preset's weights, with opt's SD weight replaced by the recipe's."""
+    from mlot_ds.losses import PRESETS
+
+    preset = dict(PRESETS["default"].weights)
+    expected_weights = {"llama": preset, "qwen": preset, "opt": {**preset, "sd": 0.05}}
+    for step, row in metrics(runs["two"]).items():
+        if "train/loss" not in row:
+            continue
+        for name, weights in expected_weights.items():
+            expected = sum(weight * row[f"teacher/{name}/{term}"] for term, weight in weights.items())
+            assert row[f"teacher/{name}/kd"] == pytest.approx(expected, rel=1e-5), (step, name)
 
 
 def test_an_odd_record_count_on_two_ranks_finishes(runs):
@@ -177,7 +193,7 @@ def _rank_pids(launcher_pid: int) -> list[int]:
 def test_sigkill_after_step_3_then_resume_matches_the_uninterrupted_run(runs, tiny_zoo):
     tmp = runs["tmp"]
     out = tmp / "killed"
-    args = ["--config", ZERO3, *tiny_recipe_overrides(out, **{"train.save_every": 3})]
+    args = ["--config", ZERO3, *tiny_recipe_overrides(out, **REFERENCE_LOSS, **{"train.save_every": 3})]
     with open(tmp / "killed.log", "w") as log:
         process = subprocess.Popen(deepspeed_command(2, args, free_port()), env=job_env(tiny_zoo), cwd=REPO,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

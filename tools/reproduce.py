@@ -2,6 +2,7 @@
 """A miniature reproduction of the paper's tables on the zoo and the bundled DialogSum sample.
 
     python tools/reproduce.py                      # the full run (default zoo, 3 seeds; see --help)
+    python tools/reproduce.py --ablation           # the paper's Table 3 on the same scale (labeled)
     python tools/reproduce.py --quick              # tiny zoo, 1 seed, 3 methods, 3 steps (a smoke test)
 
 Every training run is a real job of the engine (``mlot_ds.engine.cli.main``) with world size 1,
@@ -35,9 +36,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_MEMBERS = {"llama": "teacher-llama", "qwen": "teacher-qwen", "opt": "teacher-opt"}
-# The recipe refuses all-zero static weights, so SFT keeps one teacher at a weight too small to
-# matter next to CE (its loss still runs; ULD is the cheapest). See the report's notes.
-CE_ONLY_TEACHER_WEIGHT = 1e-12
 PAIRING_BY_LOSS = {"mlot": "offsets", "uld": "position", "mined": "dtw"}
 
 
@@ -51,10 +49,14 @@ class Method:
     data: str = "setting"
     """``setting``: the setting's training data; ``teacher``: always the teacher's generations (SeqKD)."""
     ce_only: bool = False
-    term_factors: tuple[tuple[str, float], ...] = ()
-    """Ablation: multiply these MultiLevelOT term weights of the preset (0 drops a term)."""
+    """SFT / SeqKD: every teacher's loss weights are 0 (``loss.weights``), so only CE trains."""
+    weights: tuple[tuple[str, float], ...] = ()
+    """Ablations: the recipe's ``loss.weights`` (replace the preset's term weights; 0 drops a term)."""
+    overrides: tuple[tuple[str, object], ...] = ()
+    """The recipe's ``loss.overrides``; ``k: FULL_K`` means the smaller of the two vocabularies."""
 
 
+FULL_K = "smaller vocabulary"
 METHODS = {
     "sft": Method("SFT", ce_only=True),
     "seqkd": Method("SeqKD", ce_only=True, data="teacher"),
@@ -65,16 +67,30 @@ METHODS = {
     "mlot-default": Method("MLOT (default)"),
     "mlot-3t-static": Method("MLOT 3 teachers, static", teachers=tuple(TEACHER_MEMBERS)),
     "mlot-3t-dynamic": Method("MLOT 3 teachers, dynamic", teachers=tuple(TEACHER_MEMBERS), weighting="dynamic"),
-    "ablation-had": Method("Ablation: HAD only", term_factors=(("sl", 0.0), ("sd", 0.0))),
-    "ablation-had-sl": Method("Ablation: HAD + SL", term_factors=(("sd", 0.0),)),
+    # Table 3 (default preset): AD = the absolute difference, TR / SR = token / sequence ranking,
+    # Tr = truncation to k = 50 (without it: k = the smaller vocabulary, every id both sides have).
+    "ablation-ad-tr": Method("Ablation: AD + TR", weights=(("sl", 0.0), ("sd", 0.0)),
+                             overrides=(("ranking", "token"), ("k", FULL_K))),
+    "ablation-ad-sr": Method("Ablation: AD + SR", weights=(("sl", 0.0), ("sd", 0.0)), overrides=(("k", FULL_K),)),
+    "ablation-had": Method("Ablation: HAD only", weights=(("sl", 0.0), ("sd", 0.0))),
+    "ablation-had-token": Method("Ablation: HAD, token ranking", weights=(("sl", 0.0), ("sd", 0.0)),
+                                 overrides=(("ranking", "token"),)),
+    "ablation-had-sl": Method("Ablation: HAD + SL", weights=(("sd", 0.0),)),
+    "ablation-had-sd": Method("Ablation: HAD + SD", weights=(("sl", 0.0),)),
+    "ablation-sl-sd": Method("Ablation: SL + SD (no HAD)", weights=(("had", 0.0),)),
+    "ablation-token": Method("Ablation: HAD + SL + SD, token ranking", overrides=(("ranking", "token"),)),
     # Weight probes for the default preset (not in the paper): SD made visible, all terms a third.
-    "weights-sd-x100": Method("Default, SD weight x100", term_factors=(("sd", 100.0),)),
-    "weights-third": Method("Default, all weights / 3", term_factors=(("had", 1 / 3), ("sl", 1 / 3), ("sd", 1 / 3))),
+    "weights-sd-x100": Method("Default, SD weight x100", weights=(("sd", 0.75),)),
+    "weights-third": Method("Default, all weights / 3", weights=(("had", 0.5), ("sl", 0.05), ("sd", 0.0025))),
 }
 FULL_PLAN = {
     "labeled": ["sft", "seqkd", "mined", "uld", "mlot-paper", "mlot-official", "mlot-default", "mlot-3t-static",
                 "mlot-3t-dynamic", "ablation-had", "ablation-had-sl"],
     "unlabeled": ["sft", "uld", "mlot-default", "mlot-3t-static"],
+}
+ABLATION_PLAN = {
+    "labeled": ["sft", "ablation-ad-tr", "ablation-ad-sr", "ablation-had", "ablation-had-token", "ablation-had-sl",
+                "ablation-had-sd", "ablation-sl-sd", "mlot-default", "ablation-token"],
 }
 QUICK_PLAN = {"labeled": ["sft", "seqkd", "mlot-default"]}
 
@@ -82,6 +98,8 @@ QUICK_PLAN = {"labeled": ["sft", "seqkd", "mlot-default"]}
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny zoo, 1 seed, SFT/SeqKD/MLOT, 3 steps")
+    parser.add_argument("--ablation", action="store_true", help="the plan of the paper's Table 3 (labeled): "
+                        "AD with token / sequence ranking, truncation, HAD, SL, SD, per-token ranking")
     parser.add_argument("--name", default=None, help="report name (default: dialogsum-<profile>, quick: quick)")
     parser.add_argument("--out-dir", default=str(REPO / "docs" / "results"))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "reproduce"))
@@ -106,7 +124,7 @@ def parse_args(argv):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.name = args.name or ("quick" if quick else f"dialogsum-{args.profile}")
+    args.name = args.name or ("quick" if quick else f"dialogsum-{args.profile}" + ("-ablation" if args.ablation else ""))
     args.train_records = args.train_records or args.steps * args.micro_batch
     if args.methods:
         plan: dict[str, list[str]] = {}
@@ -118,7 +136,7 @@ def parse_args(argv):
             plan.setdefault(setting, []).append(method)
         args.plan = plan
     else:
-        args.plan = QUICK_PLAN if quick else FULL_PLAN
+        args.plan = QUICK_PLAN if quick else ABLATION_PLAN if args.ablation else FULL_PLAN
     for name in ("seeds", "steps", "micro_batch", "train_records", "eval_limit", "max_new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -131,13 +149,24 @@ def recipe_for(args, setting: str, key: str, seed: int, data_paths: dict, out: P
     raw = yaml.safe_load((REPO / "mlot_ds" / "recipes" / "demo.yaml").read_text(encoding="utf-8"))
     names = [args.teacher] if method.teachers == ("single",) else list(method.teachers)
     teachers = []
+    from mlot_ds.zoo.settings import PROFILES
+
+    members = PROFILES[args.profile].members
     for name in names:
+        # CE only: ULD is the cheapest loss to run at weight 0 (every teacher still runs its forward).
         loss = {"kind": "uld" if method.ce_only else method.loss, "preset": method.preset}
+        if method.ce_only:
+            loss["weights"] = {"uld": 0.0}
+        if method.weights:
+            loss["weights"] = dict(method.weights)
+        if method.overrides:
+            smaller = min(members["student"].vocab_size, members[TEACHER_MEMBERS[name]].vocab_size)
+            loss["overrides"] = {key: smaller if value == FULL_K else value for key, value in method.overrides}
         teachers.append({"name": name, "model": f"zoo:{TEACHER_MEMBERS[name]}", "pairing": PAIRING_BY_LOSS[loss["kind"]],
-                         "loss": loss, "weight": CE_ONLY_TEACHER_WEIGHT if method.ce_only else 1.0, "placement": "shard"})
+                         "loss": loss, "weight": 1.0, "placement": "shard"})
     raw["name"] = f"{setting}-{key}-s{seed}"
     raw["teachers"] = teachers
-    raw["weighting"] = {"mode": method.weighting, "normalize": not method.ce_only}
+    raw["weighting"] = {"mode": method.weighting, "normalize": True}
     source = "teacher" if method.data == "teacher" or setting == "unlabeled" else "gold"
     raw["data"]["train"] = data_paths[source]
     raw["data"]["eval"] = {"adapter": "dialogsum", "path": "builtin:dialogsum/test", "limit": args.eval_limit}
@@ -152,28 +181,6 @@ def recipe_for(args, setting: str, key: str, seed: int, data_paths: dict, out: P
     return raw
 
 
-@contextlib.contextmanager
-def scaled_terms(factors: tuple[tuple[str, float], ...]):
-    """Scale the preset's MultiLevelOT term weights for one run (the recipe cannot override them yet)."""
-    if not factors:
-        yield
-        return
-    from mlot_ds import losses
-
-    original = losses.resolve_preset
-
-    def ablated(preset, overrides):
-        resolved = original(preset, overrides)
-        weights = {term: weight * dict(factors).get(term, 1.0) for term, weight in resolved.weights.items()}
-        return dataclasses.replace(resolved, weights=weights)
-
-    losses.resolve_preset = ablated
-    try:
-        yield
-    finally:
-        losses.resolve_preset = original
-
-
 def train_and_evaluate(args, setting: str, key: str, seed: int, data_paths: dict) -> dict:
     from mlot_ds.engine import cli
 
@@ -182,8 +189,7 @@ def train_and_evaluate(args, setting: str, key: str, seed: int, data_paths: dict
     recipe_path = out / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe_for(args, setting, key, seed, data_paths, out), sort_keys=False))
     started = time.perf_counter()
-    with open(out / "run.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-            scaled_terms(METHODS[key].term_factors):
+    with open(out / "run.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             code = cli.main(["--config", str(REPO / "ds_configs" / "zero3.json"), "--recipe", str(recipe_path)])
         except SystemExit as exc:

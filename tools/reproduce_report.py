@@ -101,22 +101,21 @@ def markdown(run: dict, summary: dict, chart_name: str) -> str:
         lines += ["", "Labeled ranking by mean ROUGE-LSum: " + " > ".join(f"{name} ({value:.2f})" for value, name in ranked)]
     lines += ["", f"![ROUGE-LSum and bits per byte per method]({chart_name})", "",
               "## How each method is run", "",
-              "- SFT and SeqKD: cross-entropy only. The recipe refuses all-zero static teacher weights, so one "
-              "teacher stays with ULD at weight 1e-12 and `weighting.normalize=false` (a negligible term; its "
-              "forward still costs time). SeqKD trains on the teacher's greedy summaries.",
+              "- SFT and SeqKD: cross-entropy only: one teacher with ULD at loss weight 0 (`loss.weights: "
+              "{uld: 0}`; its forward still runs and costs time). SeqKD trains on the teacher's greedy summaries.",
               "- ULD: position pairing (the ULD rule), `CE + 1.5 ULD`. MinED: DTW pairing, `CE + KL`. "
               "MultiLevelOT: offsets pairing with the named preset.",
               "- 3 teachers: llama, qwen, opt with weights 1/3 each (static) or the engine's softmin of each "
               "teacher's gold CE (dynamic).",
-              "- Ablation (default preset): HAD only = weights (1.5, 0, 0); HAD + SL = (1.5, 0.15, 0); "
-              "HAD + SL + SD is the MLOT (default) row. Weight probes (not in the paper) scale the default "
-              "preset's weights: SD x100 (7.5e-3 -> 0.75) or all three / 3. The presets accept no override of the "
-              "term weights, so `tools/reproduce.py` scales them in-process for these runs.",
+              "- Ablation (default preset, the paper's Table 3): the recipe's `loss.weights` switch terms off "
+              "(HAD only = (1.5, 0, 0), HAD + SL = (1.5, 0.15, 0), HAD + SD = (1.5, 0, 7.5e-3), SL + SD = "
+              "(0, 0.15, 7.5e-3); HAD + SL + SD is the MLOT (default) row). AD = HAD's absolute difference; "
+              "SR / TR = sequence ranking (the paper's) / token ranking (each token sorted on its own, as "
+              "ULD; `loss.overrides.ranking: token`); without Tr, k is the smaller of the two vocabularies "
+              "instead of 50. Weight probes (not in the paper): SD x100 (7.5e-3 -> 0.75), all three / 3.",
               "- Labeled SeqKD and unlabeled SFT are the same job (CE on the teacher's generations, same seeds); "
               "both rows are listed so that each table is complete, and their equal numbers show that runs are "
-              "deterministic per seed.",
-              "- Not run: per-token vs per-sequence ranking (Table 3's last rows): the loss has no switch for "
-              "per-token ranking."]
+              "deterministic per seed."]
     return "\n".join(lines) + "\n"
 
 

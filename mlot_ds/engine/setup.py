@@ -96,7 +96,8 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
 
     manifest = {"teachers": [
         {"name": t.name, "model": str(r.model), "tokenizer_hash": folder_hash(r.tokenizer), "weight": t.weight,
-         "loss": {"kind": t.loss.kind, "preset": t.loss.preset, "overrides": dict(t.loss.overrides)},
+         "loss": {"kind": t.loss.kind, "preset": t.loss.preset, "overrides": dict(t.loss.overrides),
+                  **({"weights": dict(t.loss.weights)} if t.loss.weights else {})},
          "pairing": t.pairing, "placement": t.placement}
         for t, r in zip(recipe.teachers, teachers)
     ]}

@@ -55,6 +55,8 @@ class TeacherLoss:
                 # MinED reads the teacher only at the ids its map uses: keep those columns, and map
                 # every student id to its column (``logits[..., map] == columns_logits[..., column_of]``).
                 self.teacher_columns, self.column_of_student = torch.unique(self.student_to_teacher, return_inverse=True)
+        # The recipe's loss.weights replace the preset's (or the baseline's) multipliers term by term.
+        self.term_weights.update({term: float(weight) for term, weight in self.config.weights.items()})
 
     def pairing_for(self, pairing: Pairing, student_labels: torch.Tensor, teacher_labels: torch.Tensor):
         """The official preset re-derives both answer spans from the labels, as the released code."""

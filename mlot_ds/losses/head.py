@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from mlot_ds.losses import official
 from mlot_ds.losses.ce import labelled_rows
-from mlot_ds.losses.mlot import TeacherSummary
+from mlot_ds.losses.mlot import TeacherSummary, token_ranked_summary
 from mlot_ds.losses.presets import resolve_preset
 from mlot_ds.losses.ranking import RowSet, build_row_set, compute_dtype_for, row_statistics
 from mlot_ds.pairing import Pairing
@@ -192,6 +192,13 @@ def teacher_summary_from_hidden(
                 raise ValueError(f"ce_labels {tuple(ce_labels.shape)} must be [B, T] = {(batch, seq_len)}")
             ce_rows, ce_targets = labelled_rows(ce_labels)
         hidden2d = hidden.reshape(batch * seq_len, -1)
+        if cfg.ranking == "token":
+            rows_per_block = head_chunk_rows(weight.shape[0], head_chunk_elements, hidden.device)
+            summary = token_ranked_summary(lambda rows: F.linear(hidden2d.index_select(0, rows), weight, bias), pairing,
+                                           seq_len, temperatures, cfg.k, rows_per_block, compute_dtype_for(weight.dtype))
+            if ce_labels is not None:
+                gold = ce_per_sequence_from_hidden(hidden, weight, bias, ce_labels, head_chunk_elements=head_chunk_elements)
+            return summary, gold
         row_set = build_row_set(pairing.teacher_index, pairing.mask, seq_len, ce_rows)
         inv = tuple(1.0 / t for t in groups)
         lse, sums = head_row_statistics(hidden2d, weight, bias, row_set, batch, inv,

@@ -2,7 +2,8 @@
 
 For each sequence, on its paired tokens ``i`` (a :class:`~mlot_ds.pairing.Pairing`), at temperature
 ``tau`` (eq. 1) both sides are ranked by their own sequence-summed probabilities and truncated to
-the top ``k`` ids (eq. 10-12, see :mod:`mlot_ds.losses.ranking`), giving ``t^k(i)`` and ``s^k(i)``:
+the top ``k`` ids (eq. 10-12, see :mod:`mlot_ds.losses.ranking`), giving ``t^k(i)`` and ``s^k(i)``
+(``ranking="token"``, the ablation of Table 3: each token ranked by its own probabilities instead):
 
     HAD = sum_i sum_l |t^k_l(i) - s^k_l(i)|                          eq. (14), tau = tau_had
     SL  = -sum_i sum_l t^k_l(i) log s^k_l(i)                          eq. (16), tau = tau_sl
@@ -25,7 +26,15 @@ import torch
 from mlot_ds.losses import official
 from mlot_ds.losses.ce import labelled_rows, masked_ce
 from mlot_ds.losses.presets import MlotPreset, resolve_preset
-from mlot_ds.losses.ranking import StudentTopK, build_row_set, gather_log_probs, row_statistics
+from mlot_ds.losses.ranking import (
+    StudentTopK,
+    block_elements,
+    build_row_set,
+    compute_dtype_for,
+    gather_log_probs,
+    row_statistics,
+    token_ranked_log_probs,
+)
 from mlot_ds.losses.sinkhorn import sinkhorn_distance
 from mlot_ds.pairing import Pairing, position_pairing
 
@@ -36,7 +45,8 @@ class TeacherSummary(NamedTuple):
     Attributes:
         temperatures: the ``G`` distinct temperatures, ascending (official: the span softmax only).
         indices: ``[G, B, k]`` long, teacher vocabulary ids ranked by the sequence-summed
-            probabilities (official: by the batch-summed ones, the same row for every ``b``).
+            probabilities (official: by the batch-summed ones, the same row for every ``b``;
+            ``ranking="token"``: ``[G, B, P, k]``, each pair's own ranking).
         values: ``[G, B, P, k]`` float32 (float64 for float64 logits), ``t^k`` of every pair (0 on
             padded pairs). Official: the teacher's whole answer span, ``P`` = longest teacher span.
 
@@ -89,6 +99,10 @@ def teacher_summary(
         temperatures = cfg.temperatures()
         inv = tuple(1.0 / t for t in temperatures)
         logits2d = teacher_logits.reshape(batch * seq_len, vocab)
+        if cfg.ranking == "token":
+            rows_per_block = max(1, block_elements(cfg.chunk_elements, teacher_logits.device) // vocab)
+            return token_ranked_summary(lambda rows: logits2d.index_select(0, rows), pairing, seq_len, temperatures,
+                                        cfg.k, rows_per_block, compute_dtype_for(teacher_logits.dtype))
         row_set = build_row_set(pairing.teacher_index, pairing.mask, seq_len)
         lse, sums = row_statistics(logits2d, row_set, batch, inv, cfg.chunk_elements)
         indices = sums.topk(cfg.k, dim=2).indices
@@ -123,10 +137,12 @@ def multilevel_ot_from_summary(
     cfg = resolve_preset(preset, overrides)
     _check_logits("student_logits", student_logits, cfg.k)
     expected = (cfg.tau_had,) if cfg.is_official else cfg.temperatures()
-    if summary.temperatures != expected or summary.indices.shape[-1] != cfg.k:
+    built_ranking = "token" if summary.indices.dim() == 4 else "sequence"
+    if summary.temperatures != expected or summary.indices.shape[-1] != cfg.k or built_ranking != cfg.ranking:
         raise ValueError(
-            f"summary was built for temperatures {summary.temperatures} and k={summary.indices.shape[-1]}, "
-            f"but preset {cfg.name!r} needs {expected} and k={cfg.k}: use the same preset and overrides"
+            f"summary was built for temperatures {summary.temperatures}, k={summary.indices.shape[-1]} and "
+            f"ranking={built_ranking!r}, but preset {cfg.name!r} needs {expected}, k={cfg.k} and "
+            f"ranking={cfg.ranking!r}: use the same preset and overrides"
         )
     if cfg.is_official:
         result = official.student_side(student_logits, summary.values[0], pairing, cfg)
@@ -138,6 +154,8 @@ def multilevel_ot_from_summary(
     if summary.values.shape[1:3] != pairing.mask.shape:
         raise ValueError(f"summary values {tuple(summary.values.shape)} do not match the pairing {tuple(pairing.mask.shape)}")
 
+    if cfg.ranking == "token":
+        return _token_ranked_student(student_logits, summary, pairing, cfg, student_labels)
     temperatures = summary.temperatures
     ce_slot = ce_target = torch.zeros(0, dtype=torch.long, device=student_logits.device)
     extra_rows = None
@@ -204,6 +222,47 @@ def multilevel_ot(
     return multilevel_ot_from_summary(
         student_logits, summary, pairing, preset=cfg, student_labels=student_labels if with_ce else None
     )
+
+
+def token_ranked_summary(read_rows, pairing: Pairing, seq_len: int, temperatures: tuple[float, ...], k: int,
+                         rows_per_block: int, dtype: torch.dtype) -> TeacherSummary:
+    """Teacher side with ``ranking="token"``: each pair's own top-k, ``rows_per_block`` rows at a time.
+
+    ``read_rows(flat_rows)`` returns the ``[r, m]`` logits of flat rows ``b * Tt + t`` (from full
+    logits, or from the hidden states and the output layer); nothing larger than one block is held.
+    """
+    batch = pairing.mask.shape[0]
+    offsets = torch.arange(batch, device=pairing.mask.device).unsqueeze(1) * seq_len
+    flat_rows = (pairing.teacher_index + offsets)[pairing.mask]
+    inv = tuple(1.0 / t for t in temperatures)
+    indices = torch.zeros(len(temperatures), *pairing.mask.shape, k, dtype=torch.long, device=pairing.mask.device)
+    values = torch.zeros(len(temperatures), *pairing.mask.shape, k, dtype=dtype, device=pairing.mask.device)
+    ids, log_probs = [], []
+    for start in range(0, flat_rows.numel(), rows_per_block):
+        block_ids, block_log_probs = token_ranked_log_probs(read_rows(flat_rows[start : start + rows_per_block]), inv, k)
+        ids.append(block_ids)
+        log_probs.append(block_log_probs.to(dtype))
+    if ids:
+        indices[:, pairing.mask] = torch.cat(ids).unsqueeze(0)
+        values[:, pairing.mask] = torch.cat(log_probs, dim=1).exp_()
+    return TeacherSummary(temperatures, indices, values)
+
+
+def _token_ranked_student(student_logits, summary: TeacherSummary, pairing: Pairing, cfg: MlotPreset,
+                          student_labels) -> dict[str, torch.Tensor]:
+    """Student side with ``ranking="token"``: plain autograd on the ``[N, n]`` paired rows (an ablation
+    path: it holds those rows' softmax for the backward, which the sequence ranking never does)."""
+    batch, seq_len, vocab = student_logits.shape
+    offsets = torch.arange(batch, device=student_logits.device).unsqueeze(1) * seq_len
+    flat_rows = (pairing.student_index + offsets)[pairing.mask]
+    inv = tuple(1.0 / t for t in summary.temperatures)
+    _, log_probs = token_ranked_log_probs(student_logits.reshape(batch * seq_len, vocab)[flat_rows], inv, cfg.k)
+    student_log_probs = {t: log_probs[g] for g, t in enumerate(summary.temperatures)}
+    teacher_values = {t: summary.values[g] for g, t in enumerate(summary.temperatures)}
+    result = _terms(teacher_values, student_log_probs, pairing.mask, cfg)
+    if student_labels is not None:
+        result.update(_plain_ce(student_logits, student_labels))
+    return result
 
 
 def _terms(teacher_values, student_log_probs, mask, cfg: MlotPreset) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from typing import Mapping
 
 TERMS = ("had", "sl", "sd")
 NORMALIZATION_BASES = ("tokens", "sequences")
+RANKINGS = ("sequence", "token")
 OFFICIAL = "official"
 
 
@@ -24,6 +25,9 @@ class MlotPreset:
     Attributes:
         name: ``"paper"``, ``"official"`` or ``"default"``.
         k: top-k truncation size (paper eq. 12, k = 50).
+        ranking: ``"sequence"`` ranks each side by its sequence-summed probabilities, one order for
+            every token of the sequence (eq. 10-11, the paper's SR); ``"token"`` sorts each token's
+            own distribution, as ULD does (Table 3's TR row, kept for the ablation).
         tau_had: temperature of the probabilities compared by HAD (eq. 14; the paper uses 1).
         tau_sl: temperature of SL (eq. 16, tau_SL = 1).
         tau_sd: temperature of the vectors entering the Sinkhorn cost (eq. 17-20, tau_SD = 2).
@@ -43,6 +47,7 @@ class MlotPreset:
     weights: Mapping[str, float]
     normalize_by: str
     k: int = 50
+    ranking: str = "sequence"
     tau_had: float = 1.0
     tau_sl: float = 1.0
     tau_sd: float = 2.0
@@ -66,6 +71,11 @@ class MlotPreset:
         for name in ("tau_had", "tau_sl", "tau_sd", "sinkhorn_lambda"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"preset {self.name!r}: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"preset {self.name!r}: ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        if self.name == OFFICIAL and self.ranking != "sequence":
+            raise ValueError(f"preset {self.name!r}: the released code ranks over the whole batch; ranking "
+                             f"{self.ranking!r} exists only in the 'paper' and 'default' presets")
         if self.name != OFFICIAL and (self.std_eps is not None or self.skip_student_eos):
             raise ValueError(f"preset {self.name!r}: std_eps and skip_student_eos exist only in the official preset")
 

@@ -167,6 +167,30 @@ def gather_log_probs(
     return z_at * inv - lse[:, row_set.pair_slot].unsqueeze(2)
 
 
+def token_ranked_log_probs(
+    pair_logits: torch.Tensor, inv_temperatures: tuple[float, ...], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ranking (Table 3's TR, as ULD): each row's own top-k ids and ``log x^k`` there.
+
+    A softmax at any positive temperature keeps the order of the logits, so one ``topk`` of each
+    row ranks it for every temperature. Unlike the sequence ranking, dimension ``l`` of two tokens
+    of a sequence may be different vocabulary ids.
+
+    Args:
+        pair_logits: ``[N, V]`` logits of the paired rows (autograd flows through, e.g. the student).
+        inv_temperatures: ``1 / tau`` for each of the ``G`` temperatures.
+        k: truncation size.
+
+    Returns:
+        ``indices [N, k]`` (descending) and ``log_probs [G, N, k]`` in float32 or wider.
+    """
+    z = pair_logits.to(compute_dtype_for(pair_logits.dtype))
+    indices = z.detach().topk(k, dim=1).indices
+    z_at = z.gather(1, indices)
+    log_probs = [z_at * inv_t - torch.logsumexp(z * inv_t, dim=1, keepdim=True) for inv_t in inv_temperatures]
+    return indices, torch.stack(log_probs)
+
+
 class StudentTopK(torch.autograd.Function):
     """Student ``log s^k`` at its own ranking for every temperature, plus an optional fused CE sum.
 
