@@ -58,15 +58,20 @@ def reference_mlot(student_logits, teacher_logits, pairs, *, k, tau_had=1.0, tau
         t_sl, s_sl = truncated(teacher_logits, t_rows, tau_sl), truncated(student_logits, s_rows, tau_sl)
         sl -= sum(a * math.log(c) for ta, sa in zip(t_sl, s_sl) for a, c in zip(ta, sa))
         t_sd, s_sd = truncated(teacher_logits, t_rows, tau_sd), truncated(student_logits, s_rows, tau_sd)
-        n = len(seq_pairs)
-        cost = [[sum(abs(a - c) for a, c in zip(t_sd[i], s_sd[j])) for j in range(n)] for i in range(n)]
-        plan = [[math.exp(-cost[i][j] / lam) for j in range(n)] for i in range(n)]
-        for _ in range(iters):
-            plan = [[x / sum(row) for x in row] for row in plan]
-            col = [sum(plan[i][j] for i in range(n)) for j in range(n)]
-            plan = [[plan[i][j] / col[j] for j in range(n)] for i in range(n)]
-        sd += sum(plan[i][j] * cost[i][j] for i in range(n) for j in range(n))
+        sd += reference_sinkhorn_distance(t_sd, s_sd, lam, iters)
     return had, sl, sd
+
+
+def reference_sinkhorn_distance(teacher_vectors, student_vectors, lam, iters):
+    """<P, C> with C_ij = L1(t_i, s_j) and P = ``iters`` row-then-column normalisations of exp(-C / lam)."""
+    n = len(teacher_vectors)
+    cost = [[sum(abs(a - c) for a, c in zip(teacher_vectors[i], student_vectors[j])) for j in range(n)] for i in range(n)]
+    plan = [[math.exp(-cost[i][j] / lam) for j in range(n)] for i in range(n)]
+    for _ in range(iters):
+        plan = [[x / sum(row) for x in row] for row in plan]
+        col = [sum(plan[i][j] for i in range(n)) for j in range(n)]
+        plan = [[plan[i][j] / col[j] for j in range(n)] for i in range(n)]
+    return sum(plan[i][j] * cost[i][j] for i in range(n) for j in range(n))
 
 
 CASES = [

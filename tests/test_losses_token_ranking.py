@@ -10,7 +10,7 @@ import torch
 from mlot_ds.losses import multilevel_ot, multilevel_ot_from_summary, teacher_summary
 from mlot_ds.losses.head import teacher_summary_from_hidden
 from mlot_ds.pairing import pack_pairs, position_pairing
-from test_losses_reference import CASES, make_batch, position_pairs, softmax
+from test_losses_reference import CASES, make_batch, position_pairs, reference_sinkhorn_distance, softmax
 
 
 def reference_token_ranked(student_logits, teacher_logits, pairs, *, k, tau_had=1.0, tau_sl=1.0, tau_sd=2.0,
@@ -31,14 +31,7 @@ def reference_token_ranked(student_logits, teacher_logits, pairs, *, k, tau_had=
             sl -= sum(a * math.log(c) for a, c in zip(t_sl, s_sl))
         t_sd = [own_top_k(teacher_logits, b, t, tau_sd) for _, t in seq_pairs]
         s_sd = [own_top_k(student_logits, b, s, tau_sd) for s, _ in seq_pairs]
-        n = len(seq_pairs)
-        cost = [[sum(abs(a - c) for a, c in zip(t_sd[i], s_sd[j])) for j in range(n)] for i in range(n)]
-        plan = [[math.exp(-cost[i][j] / lam) for j in range(n)] for i in range(n)]
-        for _ in range(iters):
-            plan = [[x / sum(row) for x in row] for row in plan]
-            col = [sum(plan[i][j] for i in range(n)) for j in range(n)]
-            plan = [[plan[i][j] / col[j] for j in range(n)] for i in range(n)]
-        sd += sum(plan[i][j] * cost[i][j] for i in range(n) for j in range(n))
+        sd += reference_sinkhorn_distance(t_sd, s_sd, lam, iters)
     return had, sl, sd
 
 
