@@ -65,7 +65,7 @@ def build_one(pool, teacher, data, teacher_loss, folder: Path, manifest: dict, a
     sizes = [min(per_chunk, total - start) for start in range(0, total, per_chunk)]
     pending = cache.pending_chunks(folder, len(sizes), args.max_chunks)
     # Within a chunk, records of similar teacher length share a micro-batch (little padding).
-    lengths = data._column(teacher.name, "prompt_length") + data._column(teacher.name, "response_length")
+    lengths = data.column(teacher.name, "prompt_length") + data.column(teacher.name, "response_length")
     filler = np.full(micro_batch_size, FILLER)
     schedule = list(cache.rounds(pending, sizes, micro_batch_size, dist.world_size()))
     bar = tqdm(total=len(pending), desc=f"caching {teacher.name}", unit="chunk", disable=not dist.is_rank0())
@@ -76,7 +76,7 @@ def build_one(pool, teacher, data, teacher_loss, folder: Path, manifest: dict, a
         parts = []
         for step in range(forwards):  # the same number of forwards on every rank
             chunk_positions = positions[step * micro_batch_size : (step + 1) * micro_batch_size]
-            batch = data._collate(chunk_positions if len(chunk_positions) else filler, 0).to(pool.device)
+            batch = data.collate(chunk_positions if len(chunk_positions) else filler, 0).to(pool.device)
             inputs = batch.teachers[teacher.name]
             pairing = teacher_loss.pairing_for(batch.pairings[teacher.name], batch.student.labels, inputs.labels)
             reduced, gold = pool.reduce(teacher, inputs, pairing, teacher_loss, with_gold_ce=True)

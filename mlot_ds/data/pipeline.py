@@ -197,16 +197,16 @@ class DistillationData:
                 padding = torch.full((student_rows - len(mapping),), _filler_teacher_id(teacher.tokenizer), dtype=torch.long)
                 self.vocab_maps[teacher.name] = torch.cat([mapping, padding])
 
-        self._label_counts = self._column(student.name, "response_length") + int(student.append_eos)
+        self._label_counts = self.column(student.name, "response_length") + int(student.append_eos)
         self._pair_counts = {t.name: self._count_pairs(t) for t in self.teachers}
-        lengths = self._column(student.name, "prompt_length") + self._label_counts
+        lengths = self.column(student.name, "prompt_length") + self._label_counts
         self._sampler = LengthGroupedSteps(
             lengths, micro_batch_size * grad_accum * world_size, seed, megabatch_steps
         )
         self.steps_per_epoch = self._sampler.steps_per_epoch
 
     # ----------------------------------------------------------------------------------------
-    def _column(self, name: str, column: str) -> np.ndarray:
+    def column(self, name: str, column: str) -> np.ndarray:
         """A per-record integer column of model ``name``, over the kept records."""
         return np.asarray(self._encoded[name][column], dtype=np.int64)[self._kept]
 
@@ -215,8 +215,8 @@ class DistillationData:
 
     def _count_pairs(self, teacher: ModelSide) -> np.ndarray:
         if teacher.pairing == "position":
-            student_n = self._column(self.student.name, "response_length") + int(self._eos_paired(self.student))
-            teacher_n = self._column(teacher.name, "response_length") + int(self._eos_paired(teacher))
+            student_n = self.column(self.student.name, "response_length") + int(self._eos_paired(self.student))
+            teacher_n = self.column(teacher.name, "response_length") + int(self._eos_paired(teacher))
             return np.minimum(student_n, teacher_n)
         eos_pair = int(self._eos_paired(self.student) and self._eos_paired(teacher))
         pairs = self._pairs[teacher.name]["pair_student"]
@@ -247,7 +247,7 @@ class DistillationData:
         positions = self._step_positions(epoch, step)
         size = self.micro_batch_size
         chunks = [(a * self.world_size + self.rank) * size for a in range(self.grad_accum)]
-        return [self._collate(positions[k : k + size], positions[0]) for k in chunks]
+        return [self.collate(positions[k : k + size], positions[0]) for k in chunks]
 
     def global_counts(self, epoch: int, step: int) -> dict[str, int]:
         """Loss denominators over all ranks and micro-batches of a step (no communication)."""
@@ -261,7 +261,9 @@ class DistillationData:
         return counts
 
     # ----------------------------------------------------------------------------------------
-    def _collate(self, positions: np.ndarray, filler_source: int) -> Batch:
+    def collate(self, positions: np.ndarray, filler_source: int) -> Batch:
+        """One micro-batch of kept-record ``positions``; ``FILLER`` entries repeat record ``filler_source``
+        with every label ignored (so a rank with nothing left still runs every forward)."""
         is_real = positions != FILLER
         rows = [int(self._kept[p if p != FILLER else filler_source]) for p in positions]
         fetched = {side.name: self._encoded[side.name][rows] for side in self.sides}
