@@ -13,8 +13,8 @@ def masked_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, t
     """Summed next-token cross-entropy over the distilled labels.
 
     ``CE = -sum_{b, t : labels[b, t+1] != -100} log softmax(z[b, t])[labels[b, t+1]]``: Hugging Face
-    unshifted labels, row ``t`` predicts label ``t + 1``. The labels are shifted, not the logits, so
-    no copy of the logits is made (except a float32 copy of bf16/fp16 logits).
+    unshifted labels, row ``t`` predicts label ``t + 1``. Only the labelled rows are read (prompt rows
+    never enter the softmax), and the labels are shifted, not the logits.
 
     Args:
         student_logits: ``[B, T, n]`` float logits.
@@ -29,12 +29,10 @@ def masked_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, t
             f"masked_ce: labels {tuple(labels.shape)} must be [B, T] matching student_logits "
             f"{tuple(student_logits.shape)}"
         )
-    targets = _shifted(labels)
-    logits = student_logits.to(compute_dtype_for(student_logits.dtype))
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    tokens = (targets != IGNORE_INDEX).sum().to(torch.float32)
+    rows, targets = labelled_rows(labels)
+    picked = student_logits.reshape(-1, student_logits.shape[-1]).index_select(0, rows)
+    ce = F.cross_entropy(picked.to(compute_dtype_for(student_logits.dtype)), targets, reduction="sum")
+    tokens = torch.tensor(float(rows.numel()), device=student_logits.device)
     return {"ce": ce, "tokens": tokens}
 
 
