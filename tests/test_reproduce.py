@@ -64,9 +64,10 @@ def test_report_means_spreads_gap_and_kept_analysis(tmp_path):
     paths = report.write_report(tmp_path, hand_run())
     text = (tmp_path / "unit.md").read_text()
     # SFT: mean 12, sample std of (10, 14) = 2.83; ULD: one finished run of two, no spread.
-    assert "| labeled | SFT | 2 | 12.00 ± 2.83 | 3.000 ± 0.000 | +0% | +0% | 3 |" in text
-    # ULD closes (22 - 12) / (30 - 12) = 56% of the ROUGE gap and (2 - 3) / (1 - 3) = 50% in bits per byte.
-    assert "| labeled | ULD | 2 (1 failed) | 22.00 | 2.000 | +56% | +50% | 2 |" in text
+    assert "| labeled | SFT | 2 | 12.00 ± 2.83 | 3.000 ± 0.000 | n/a | +0% | +0% | 3 |" in text
+    # ULD closes (22 - 12) / (30 - 12) = 56% of the ROUGE gap and (2 - 3) / (1 - 3) = 50% in bits per byte;
+    # its one finished seed is 2.0 - 3.0 = -1 bit per byte from SFT's run of the same seed.
+    assert "| labeled | ULD | 2 (1 failed) | 22.00 | 2.000 | -1.0000 | +56% | +50% | 2 |" in text
     assert "Labeled ranking by mean ROUGE-LSum: ULD (22.00) > SFT (12.00)" in text
     assert text.endswith("## Analysis\n\nHand-written text.\n") and "# old" not in text
     assert json.loads((tmp_path / "unit.json").read_text())["rows"][0]["method"] == "Teacher llama"
@@ -74,6 +75,35 @@ def test_report_means_spreads_gap_and_kept_analysis(tmp_path):
     assert tmp_path / "unit.png" in paths and width > 300 and height > 50
     colours = {bytes(row[i:i + 3]) for row in pixels for i in range(0, len(row), 3)}
     assert bytes((66, 114, 196)) in colours and bytes((112, 173, 71)) in colours  # baseline and teacher bars
+
+
+def test_paired_differences_use_the_baseline_run_of_the_same_seed():
+    report = load_tool("reproduce_report")
+    rows = [{"setting": "labeled", "method": method, "seed": seed, "exit": 0, "eval/bits_per_byte": value}
+            for method, values in (("sft", (3.0, 5.0, 4.0)), ("kd", (2.5, 4.75, 4.0))) for seed, value in enumerate(values)]
+    rows.append({"setting": "labeled", "method": "kd", "seed": 7, "exit": 0, "eval/bits_per_byte": 0.0})  # no SFT seed 7
+    mean, spread, count = report.paired_differences(rows, "eval/bits_per_byte")[("labeled", "kd")]
+    # Differences -0.5, -0.25, 0: mean -0.25, sample std 0.25, although each method spreads by about 1 across seeds.
+    assert (mean, count) == (-0.25, 3) and spread == pytest.approx(0.25)
+
+
+def test_chart_draws_negative_bars_left_of_the_zero_line(tmp_path):
+    from mlot_ds.eval.chart import Bar, Panel, write_bar_chart
+
+    path = write_bar_chart(tmp_path / "signed.png", [Panel("SIGNED", [Bar("A", -1.0, group=0), Bar("B", 1.0, group=1)],
+                                                             decimals=3)], bar_width=200)
+    _, _, pixels = read_png(path)
+
+    def columns_of(colour):
+        return sorted({i // 3 for row in pixels for i in range(0, len(row), 3) if bytes(row[i:i + 3]) == bytes(colour)})
+
+    blue, orange = columns_of((66, 114, 196)), columns_of((237, 125, 49))
+    grey = columns_of((200, 200, 200))
+    assert blue and orange and grey
+    # Equal magnitudes on either side of one zero line, which sits in the middle of the 200-pixel scale.
+    # One zero line between them; each bar is half of the 200-pixel scale (the line covers orange's first column).
+    assert len(grey) == 1 and blue[-1] + 1 == grey[0] == orange[0] - 1
+    assert len(blue) == 100 and len(orange) == 99 and blue == list(range(blue[0], blue[0] + 100))
 
 
 @pytest.mark.slow

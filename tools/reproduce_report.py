@@ -46,11 +46,35 @@ def gap_closed(value: float, sft: float, teacher: float) -> float | None:
     return 100.0 * (value - sft) / (teacher - sft)
 
 
+def _difference_cell(difference: tuple | None) -> str:
+    if difference is None:
+        return "n/a"
+    mean, spread, _ = difference
+    return f"{mean:+.4f}" if spread is None else f"{mean:+.4f} ± {spread:.4f}"
+
+
 def _gap_cell(stats: dict, metric: str, sft: dict | None, teacher: dict | None) -> str:
     if sft is None or teacher is None or metric not in stats or metric not in sft or metric not in teacher:
         return "n/a"
     share = gap_closed(stats[metric][0], sft[metric][0], teacher[metric][0])
     return "n/a" if share is None else f"{round(share):+d}%"
+
+
+def paired_differences(rows: list[dict], metric: str, baseline: str = "sft") -> dict[tuple[str, str], tuple]:
+    """``(setting, method) -> (mean, std or None, n)`` of ``method - labeled baseline`` on the same seed.
+
+    Every method sees the same records in the same order for a given seed, so these differences are
+    much less noisy than the spread of either method across seeds.
+    """
+    base = {r["seed"]: r[metric] for r in rows
+            if r["setting"] == "labeled" and r["method"] == baseline and r["exit"] == 0 and r.get(metric) is not None}
+    groups: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        if row["setting"] == "reference" or row["exit"] != 0 or row.get(metric) is None or row["seed"] not in base:
+            continue
+        if (row["setting"], row["method"]) != ("labeled", baseline):
+            groups.setdefault((row["setting"], row["method"]), []).append(row[metric] - base[row["seed"]])
+    return {key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v)) for key, v in groups.items()}
 
 
 def markdown(run: dict, summary: dict, chart_name: str) -> str:
@@ -80,9 +104,11 @@ def markdown(run: dict, summary: dict, chart_name: str) -> str:
     lines += ["", "## Results", "",
               "Mean ± sample standard deviation over seeds. Gap closed = (method - SFT) / (teacher - SFT), "
               f"with labeled SFT and teacher `{teacher}`; for bits per byte lower is better, and the same "
-              "formula gives a positive share when a method moves towards the teacher.", ""]
-    header = ["| setting | method | runs | ROUGE-LSum ↑ | bits/byte ↓ | gap closed (ROUGE) | gap closed (bpb) | s/run |",
-              "|---|---|---|---|---|---|---|---|"]
+              "formula gives a positive share when a method moves towards the teacher. Δ bits/byte vs SFT is "
+              "the mean ± std over seeds of (method - labeled SFT) on the same seed (same records, same order).", ""]
+    header = ["| setting | method | runs | ROUGE-LSum ↑ | bits/byte ↓ | Δ bits/byte vs SFT | gap closed (ROUGE) | "
+              "gap closed (bpb) | s/run |", "|---|---|---|---|---|---|---|---|---|"]
+    differences = paired_differences(run["rows"], BPB)
     lines += header
     order = [("reference", r) for r in ["Origin"] + [f"Teacher {t}" for t in ("llama", "qwen", "opt")]]
     order += [(setting, key) for setting, keys in run["plan"].items() for key in keys]
@@ -93,6 +119,7 @@ def markdown(run: dict, summary: dict, chart_name: str) -> str:
         name = labels.get(key, key)
         failed = f" ({stats['failed']} failed)" if stats["failed"] else ""
         lines.append(f"| {setting} | {name} | {stats['runs']}{failed} | {_cell(stats, ROUGE)} | {_cell(stats, BPB)} | "
+                     f"{_difference_cell(differences.get((setting, key)))} | "
                      f"{_gap_cell(stats, ROUGE, sft, teacher_row)} | {_gap_cell(stats, BPB, sft, teacher_row)} | "
                      f"{stats['seconds']:.0f} |")
     ranked = sorted(((s[ROUGE][0], labels.get(k, k)) for (setting, k), s in summary.items()
@@ -131,11 +158,18 @@ def chart_panels(run: dict, summary: dict):
                 continue
             mean, spread, _ = stats[metric]
             group = 2 if setting == "reference" else (1 if key.startswith(("mlot", "ablation")) else 0)
-            label = labels.get(key, key).replace("Ablation: ", "").replace("teachers", "T").replace(", ", " ")
-            bars.append(Bar(label, mean, spread or 0.0, group))
+            bars.append(Bar(_chart_label(labels, key), mean, spread or 0.0, group))
         if bars:
-            panels.append(Panel(title, bars))
+            panels.append(Panel(title, bars, decimals=3 if metric == BPB else 2))
+    bars = [Bar(_chart_label(labels, key), mean, spread or 0.0, 1 if key.startswith(("mlot", "ablation")) else 0)
+            for (setting, key), (mean, spread, _) in paired_differences(run["rows"], BPB).items() if setting == "labeled"]
+    if bars:
+        panels.append(Panel("BITS PER BYTE MINUS SFT, SAME SEED (BELOW 0 IS BETTER)", bars, decimals=4))
     return panels
+
+
+def _chart_label(labels: dict, key: str) -> str:
+    return labels.get(key, key).replace("Ablation: ", "").replace("teachers", "T").replace(", ", " ")
 
 
 def write_report(out_dir: Path, run: dict) -> list[Path]:

@@ -56,6 +56,8 @@ class Bar:
 class Panel:
     title: str
     bars: list[Bar] = field(default_factory=list)
+    decimals: int = 2
+    """Digits after the point of each row's printed value."""
 
 
 class _Canvas:
@@ -99,15 +101,16 @@ def text_width(text: str) -> int:
 def write_bar_chart(path: str | Path, panels: list[Panel], *, bar_width: int = 360) -> Path:
     """Draw ``panels`` one under the other (a title, then one labelled bar per row) and save a PNG.
 
-    Bars start at 0 and share one scale per panel (the largest ``value + spread``); each row shows
-    its value to two decimals. Negative values are drawn as empty bars.
+    Each panel has its own scale, from ``min(0, smallest value - spread)`` to ``max(0, largest value +
+    spread)``; bars grow from the zero line (to the left for negative values, e.g. a difference to a
+    baseline) and each row prints its value to ``panel.decimals`` digits.
     """
     labels = [bar.label for panel in panels for bar in panel.bars]
     if not labels:
         raise ValueError("write_bar_chart: no bars to draw")
     margin = 12
     label_width = max(text_width(label) for label in labels) + margin
-    value_width = text_width("0000.00") + margin
+    value_width = max(text_width(f"-0000.{'0' * panel.decimals}") for panel in panels) + margin
     width = margin + label_width + bar_width + value_width + margin
     height = margin + sum(_LINE * (len(panel.bars) + 2) for panel in panels) + margin
     canvas = _Canvas(width, height)
@@ -115,22 +118,27 @@ def write_bar_chart(path: str | Path, panels: list[Panel], *, bar_width: int = 3
     for panel in panels:
         canvas.text(margin, y, panel.title)
         y += _LINE + _SCALE * 3
-        top = max([bar.value + bar.spread for bar in panel.bars] + [1e-12])
-        origin = margin + label_width
+        low_end = min([bar.value - bar.spread for bar in panel.bars] + [0.0])
+        high_end = max([bar.value + bar.spread for bar in panel.bars] + [0.0])
+        scale = bar_width / max(high_end - low_end, 1e-12)
+        zero = margin + label_width + int(round(-low_end * scale))
+
+        def x_of(value: float) -> int:
+            return zero + int(round(value * scale))
+
         for bar in panel.bars:
             canvas.text(margin, y + _SCALE * 2, bar.label)
-            length = int(round(bar_width * max(bar.value, 0.0) / top))
-            canvas.rect(origin, y + _SCALE, origin + length, y + _LINE - _SCALE, PALETTE[bar.group % len(PALETTE)])
+            left, right = sorted((zero, x_of(bar.value)))
+            canvas.rect(left, y + _SCALE, right, y + _LINE - _SCALE, PALETTE[bar.group % len(PALETTE)])
             if bar.spread > 0:
-                low = int(round(bar_width * max(bar.value - bar.spread, 0.0) / top))
-                high = int(round(bar_width * (bar.value + bar.spread) / top))
+                low, high = x_of(bar.value - bar.spread), x_of(bar.value + bar.spread)
                 middle = y + _LINE // 2
-                canvas.rect(origin + low, middle - 1, origin + high, middle + 1, BLACK)
-                canvas.rect(origin + low, middle - 4, origin + low + 2, middle + 4, BLACK)
-                canvas.rect(origin + high - 2, middle - 4, origin + high, middle + 4, BLACK)
-            canvas.text(origin + bar_width + margin, y + _SCALE * 2, f"{bar.value:.2f}")
+                canvas.rect(low, middle - 1, high, middle + 1, BLACK)
+                canvas.rect(low, middle - 4, low + 2, middle + 4, BLACK)
+                canvas.rect(high - 2, middle - 4, high, middle + 4, BLACK)
+            canvas.text(margin + label_width + bar_width + margin, y + _SCALE * 2, f"{bar.value:.{panel.decimals}f}")
             y += _LINE
-        canvas.rect(origin, y - _LINE * len(panel.bars), origin + 1, y, GREY)
+        canvas.rect(zero, y - _LINE * len(panel.bars), zero + 1, y, GREY)
         y += _LINE
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
