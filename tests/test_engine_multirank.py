@@ -107,6 +107,25 @@ def test_every_tag_is_in_the_tensorboard_events(runs):
     assert any("eval/" in tag for tag in tags)
 
 
+def test_each_evaluation_writes_its_predictions_and_shows_samples(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = metrics(runs["two"])
+    for step in (3, 6):  # eval.every = 3, and the final evaluation
+        lines = [json.loads(line) for line in (runs["two"] / "eval" / f"step_{step:08d}.jsonl").read_text().splitlines()]
+        records, footer = lines[:-1], lines[-1]
+        assert len(records) == 4 and [r["id"] for r in records] == [0, 1, 2, 3]  # eval.limit = 4
+        assert all(isinstance(r["prediction"], str) and len(r["references"]) == 3 and r["prompt"] for r in records)
+        assert footer["metrics"]["eval/rouge_lsum"] == pytest.approx(rows[step]["eval/rouge_lsum"])
+    assert not list((runs["two"] / "eval").glob("*.partial"))
+    events = EventAccumulator(str(runs["two"] / "tensorboard"))
+    events.Reload()
+    samples = [tag for tag in events.Tags()["tensors"] if tag.startswith("eval/samples")]
+    assert samples, events.Tags()["tensors"]
+    text = events.Tensors(samples[0])[-1].tensor_proto.string_val[0].decode()
+    assert "prediction:" in text and "reference:" in text and text.count("**record") == 4
+
+
 def test_a_real_tensorboard_serves_the_logs_on_localhost(runs):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(runs["two"] / "tensorboard"),

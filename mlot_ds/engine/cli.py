@@ -125,6 +125,8 @@ def _summary(out: Path, export_dir, results: dict, seconds: float) -> str:
              f"  TensorBoard logs : {out / 'tensorboard'}   (view: tensorboard --logdir {out / 'tensorboard'} --host 127.0.0.1)",
              f"  metrics (JSONL)  : {out / 'tensorboard' / 'metrics.jsonl'}",
              f"  checkpoints      : {out / 'checkpoints'}"]
+    if (out / "eval").is_dir():
+        lines.append(f"  predictions      : {out / 'eval'}   (step_N.jsonl: prediction and references per record)")
     if export_dir is not None:
         lines.append(f"  exported student : {Path(export_dir).resolve()}   (AutoModelForCausalLM.from_pretrained)")
     for key, value in sorted(results.items()):

@@ -8,13 +8,22 @@ training run the duplicated work is cheaper than gathering results across ranks.
 Result names are stable (``eval/bits_per_byte``, and ``eval/rouge_lsum`` or ``eval/f1`` and
 ``eval/exact_match`` by adapter; see :func:`mlot_ds.eval.report.metric_names`), so that
 ``eval.best_metric`` can name one of them.
+
+With generation on, rank 0 also writes every greedy prediction next to its references to
+``<output_dir>/eval/step_<N>.jsonl`` and shows the first few in TensorBoard (``eval/samples``), so a
+metric can be checked against the text that produced it.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from mlot_ds import dist
 from mlot_ds.data import Template
 from mlot_ds.eval.report import evaluate_records
+
+SAMPLES_SHOWN = 4
 
 
 def evaluate_student(trainer, inputs) -> dict[str, float]:
@@ -33,4 +42,31 @@ def evaluate_student(trainer, inputs) -> dict[str, float]:
         generate=recipe.eval.generate, synced=dist.world_size() > 1, progress=dist.is_rank0(),
         model_name="student",
     )
+    if result.predictions:
+        path = Path(recipe.train.output_dir) / "eval" / f"step_{trainer.global_step:08d}.jsonl"
+        dist.rank0_then_barrier(lambda: write_predictions(path, records, result.predictions, result.metrics))
+        trainer.log.text(trainer.global_step, "eval/samples", samples_markdown(records, result.predictions))
     return result.metrics
+
+
+def write_predictions(path: Path, records, predictions: list[str], metrics: dict[str, float]) -> Path:
+    """One JSON line per record (``id``, ``prompt``, ``prediction``, ``references``), then the metrics;
+    written to a temporary name and renamed, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as out:
+        for record, prediction in zip(records, predictions):
+            out.write(json.dumps({"id": record.id, "prompt": record.prompt, "prediction": prediction,
+                                  "references": list(record.references or (record.response,))}, ensure_ascii=False) + "\n")
+        out.write(json.dumps({"metrics": metrics}) + "\n")
+    partial.replace(path)
+    return path
+
+
+def samples_markdown(records, predictions: list[str]) -> str:
+    """The first :data:`SAMPLES_SHOWN` predictions with their first reference, as Markdown for TensorBoard."""
+    parts = []
+    for record, prediction in list(zip(records, predictions))[:SAMPLES_SHOWN]:
+        reference = record.references[0] if record.references else record.response
+        parts.append(f"**record {record.id}**\n\nprediction: {prediction!r}\n\nreference: {reference!r}")
+    return "\n\n---\n\n".join(parts)

@@ -43,6 +43,10 @@ class MetricLog:
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self.jsonl.flush()
 
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, markdown, step)
+
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if not self.enabled:
             return
