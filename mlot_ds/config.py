@@ -155,6 +155,10 @@ class TrainConfig:
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in output_dir, if any), ``none``, or a checkpoint folder."""
     allow_teacher_change: bool = False
+    reshard_on_resume: bool = True
+    """Resuming on a different number of ranks: convert the checkpoint to DeepSpeed's universal format
+    (into ``step_N/universal``; the checkpoint's own files are not touched) and load that. Keep
+    ``micro_batch_size * grad_accum * ranks`` equal, so the data position carries over."""
     max_consecutive_skips: int = 5
     dist_timeout_s: int = 600
 

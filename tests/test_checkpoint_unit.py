@@ -75,6 +75,16 @@ def test_world_size_and_data_changes_are_clear_errors_before_loading(tmp_path):
         check_compatible(incomplete, manifest(), False, world_size=2, steps_per_epoch=10)
 
 
+def test_a_world_size_change_is_accepted_when_resharding_if_the_global_batch_is_kept(tmp_path):
+    folder = fake_checkpoint(tmp_path, 4, global_batch=8)
+    with pytest.raises(CheckpointError, match="or set train.reshard_on_resume=true"):
+        check_compatible(folder, manifest(), False, world_size=4, steps_per_epoch=10)
+    check_compatible(folder, manifest(), False, world_size=4, steps_per_epoch=10, reshard=True)
+    with pytest.raises(CheckpointError, match="with 4 ranks keep the global batch of 8 records"):
+        check_compatible(folder, manifest(), False, world_size=4, steps_per_epoch=5, reshard=True)
+    assert checkpoint.saved_world_size(folder) == 2 and checkpoint.saved_world_size(tmp_path) is None
+
+
 def test_folder_hash_changes_with_tokenizer_content(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"a": 1}')
     first = checkpoint.folder_hash(tmp_path)

@@ -234,6 +234,49 @@ def test_sigkill_after_step_3_then_resume_matches_the_uninterrupted_run(runs, ti
             assert after[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=1e-8), (step, key)
 
 
+def test_a_two_rank_checkpoint_resumes_on_one_rank_and_matches_the_uninterrupted_run(runs, tiny_zoo):
+    """A requeued job that comes back on fewer ranks: the checkpoint is converted to DeepSpeed's
+    universal format beside its own files (which stay byte for byte), and with the same global batch
+    (1 rank x 2 accumulation steps) steps 4-6 equal the 2-rank run."""
+    import hashlib
+    import shutil
+
+    tmp = runs["tmp"]
+    source = runs["two"] / "checkpoints" / "step_00000003"
+    out = tmp / "resharded"
+    saved = out / "checkpoints" / source.name
+    shutil.copytree(source, saved)
+
+    def digests():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in saved.iterdir() if p.is_file()}
+
+    before = digests()
+    args = ["--config", ZERO3, *tiny_recipe_overrides(out, **REFERENCE_LOSS, **{
+        "train.grad_accum": 2, "export.enabled": "false", "data.eval": "null"})]
+    result = run_job(deepspeed_command(1, args, free_port()), job_env(tiny_zoo), tmp / "resharded.log")
+    assert result.returncode == 0, result.log_text[-4000:]
+    assert "was saved by 2 ranks, this run has 1" in result.log_text and "at step 3" in result.log_text
+    assert digests() == before and (saved / "universal" / "COMPLETE").is_file()
+    assert not list(saved.parent.glob(".*"))  # no staging folder left behind
+    reference, after = metrics(runs["two"]), metrics(out)
+    for step in (4, 5, 6):
+        for key in ["train/loss", "train/ce"] + [f"teacher/{t}/{term}" for t in TEACHERS for term in ("had", "sl", "sd")]:
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_resuming_on_other_ranks_with_another_global_batch_names_the_batch_to_keep(runs, tiny_zoo):
+    import shutil
+
+    tmp = runs["tmp"]
+    out = tmp / "other_batch"
+    shutil.copytree(runs["two"] / "checkpoints" / "step_00000003", out / "checkpoints" / "step_00000003")
+    args = ["--config", ZERO3, *tiny_recipe_overrides(out, **REFERENCE_LOSS, **{"data.eval": "null"})]
+    result = run_job(deepspeed_command(1, args, free_port()), job_env(tiny_zoo), tmp / "other_batch.log")
+    assert result.returncode == 2, result.log_text[-4000:]
+    assert "with 1 rank keep the global batch of 4 records" in result.log_text
+    assert not (out / "checkpoints" / "step_00000003" / "universal").exists()
+
+
 def test_sigusr1_checkpoints_and_exits_with_the_requeue_status(runs, tiny_zoo):
     tmp = runs["tmp"]
     out = tmp / "usr1"

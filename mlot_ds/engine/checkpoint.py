@@ -8,6 +8,8 @@ Layout of ``<output_dir>/checkpoints``::
         recipe.yaml           the resolved recipe
         teachers.json         the teacher manifest (names, paths, tokenizer hashes, weights, losses)
         COMPLETE              written last: a folder without it is ignored
+        universal/            only after a resume on another number of ranks: the same state in
+                              DeepSpeed's universal format (converted once, then reused)
     latest                    the name of the newest COMPLETE folder, replaced atomically
 
 A save never touches an older checkpoint until the new one is complete, so a crash mid-save leaves
@@ -21,6 +23,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,7 @@ from mlot_ds import dist
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+UNIVERSAL = "universal"
 BEST = "best"
 
 
@@ -140,8 +145,16 @@ def check_manifest(saved: dict, current: dict, folder: Path, allow_change: bool)
                 )
 
 
+def saved_world_size(folder: Path) -> int | None:
+    """The number of ranks that wrote the checkpoint ``folder`` (``None`` if it does not say)."""
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    return json.loads(state_file.read_text()).get("world_size")
+
+
 def check_compatible(folder: Path, manifest: dict, allow_teacher_change: bool, world_size: int,
-                     steps_per_epoch: int) -> None:
+                     steps_per_epoch: int, reshard: bool = False) -> None:
     """Everything that can be checked before DeepSpeed touches the checkpoint, with clear errors."""
     for name in (COMPLETE, "trainer_state.json", "teachers.json"):
         if not (folder / name).is_file():
@@ -149,17 +162,65 @@ def check_compatible(folder: Path, manifest: dict, allow_teacher_change: bool, w
     check_manifest(json.loads((folder / "teachers.json").read_text()), manifest, folder, allow_teacher_change)
     state = json.loads((folder / "trainer_state.json").read_text())
     saved_world = state.get("world_size", world_size)
-    if saved_world != world_size:
+    if saved_world != world_size and not reshard:
         raise CheckpointError(
-            f"{folder}: saved by {saved_world} ranks, this run has {world_size}. ZeRO-3 optimizer shards "
-            f"cannot be re-partitioned on load: resume with {saved_world} ranks, or convert the checkpoint "
-            f"with DeepSpeed's universal-checkpoint tool (deepspeed.checkpoint.ds_to_universal) first"
+            f"{folder}: saved by {saved_world} ranks, this run has {world_size}. Resume with {saved_world} ranks, "
+            f"or set train.reshard_on_resume=true to convert the checkpoint to DeepSpeed's universal format"
         )
     if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        hint = ""
+        if saved_world != world_size:
+            saved_batch = state.get("global_batch")
+            hint = (f"; with {world_size} rank{'s' if world_size != 1 else ''} keep the global batch"
+                    + (f" of {saved_batch} records" if saved_batch else "")
+                    + " (train.micro_batch_size * train.grad_accum * ranks)")
         raise CheckpointError(
             f"{folder}: saved with {state['steps_per_epoch']} steps per epoch, this run has {steps_per_epoch} "
-            f"(different data or batch size): the data position cannot be restored"
+            f"(different data or batch size): the data position cannot be restored{hint}"
         )
+
+
+def universal_copy(folder: Path) -> Path:
+    """Collective: ``folder`` converted to DeepSpeed's universal format, in ``folder/universal``.
+
+    Rank 0 converts once, in a staging folder beside the checkpoint (DeepSpeed's converter also writes
+    a pointer file next to its output), then moves the result in; every rank waits for it. The
+    checkpoint's own files are only read, so a failed or killed conversion leaves them intact.
+    """
+    target = folder / UNIVERSAL
+
+    def convert() -> None:
+        if target.is_dir():
+            return
+        staging = folder.parent / f".{folder.name}.{UNIVERSAL}"
+        shutil.rmtree(staging, ignore_errors=True)
+        partial = staging / UNIVERSAL
+        workers = max(1, min(8, os.cpu_count() or 1))
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+                   "--output_folder", str(partial), "--num_extract_workers", str(workers),
+                   "--num_merge_workers", str(max(1, workers // 2))]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"{folder}: conversion to the universal format failed "
+                                  f"(exit {result.returncode}):\n{result.stderr[-2000:]}")
+        for name in ("trainer_state.json", "teachers.json", "recipe.yaml"):
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, partial / name)
+        (partial / COMPLETE).write_text("")
+        os.replace(partial, target)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    failure = None
+    if dist.is_rank0():
+        try:
+            convert()
+        except CheckpointError as exc:
+            failure = exc
+    if dist.any_rank(failure is not None):
+        raise failure or CheckpointError(f"{folder}: conversion to the universal format failed on rank 0")
+    dist.barrier()
+    return target
 
 
 def load(engine, folder: Path) -> dict:

@@ -66,6 +66,18 @@ class Trainer:
         self.total_steps = recipe.train.max_steps or recipe.train.epochs * self.data.steps_per_epoch
         self.ds_config = student_ds_config(self.ds_template, recipe, self.world, self.total_steps, self.device,
                                            source=self.ds_config_source)
+        self.resume_folder = self._resume_folder()
+        self.load_folder = self.resume_folder
+        saved_world = checkpoint.saved_world_size(self.resume_folder) if self.resume_folder else None
+        if saved_world not in (None, self.world) and recipe.train.reshard_on_resume:
+            # DeepSpeed re-partitions ZeRO-3 shards only from its universal format, and only when
+            # the engine is created with load_universal set.
+            checkpoint.check_compatible(self.resume_folder, self.inputs.manifest, recipe.train.allow_teacher_change,
+                                        self.world, self.data.steps_per_epoch, reshard=True)
+            dist.print0(f"{self.resume_folder} was saved by {saved_world} ranks, this run has {self.world}: "
+                        f"converting it to DeepSpeed's universal format")
+            self.load_folder = checkpoint.universal_copy(self.resume_folder)
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         bf16 = bool(self.ds_config["bf16"]["enabled"])
 
         student_model = load_causal_lm(inputs.student.model, dtype=resolve_dtype(recipe.student.dtype, bf16),
@@ -92,16 +104,19 @@ class Trainer:
         self.log = MetricLog(self.output_dir / "tensorboard", self.total_steps, self.global_step, self.recipe_yaml,
                              _flat_hparams(recipe))
 
-    def _resume(self) -> None:
+    def _resume_folder(self) -> Path | None:
         mode = self.recipe.train.resume
         if mode == "none":
-            return
-        folder = checkpoint.find_latest(self.checkpoint_dir) if mode == "auto" else Path(mode)
+            return None
+        return checkpoint.find_latest(self.checkpoint_dir) if mode == "auto" else Path(mode)
+
+    def _resume(self) -> None:
+        folder = self.resume_folder
         if folder is None:
             return
         checkpoint.check_compatible(folder, self.manifest, self.recipe.train.allow_teacher_change,
-                                    self.world, self.data.steps_per_epoch)
-        state = checkpoint.load(self.student, folder)
+                                    self.world, self.data.steps_per_epoch, reshard=self.load_folder != folder)
+        state = checkpoint.load(self.student, self.load_folder)
         self.global_step = int(state["global_step"])
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -250,7 +265,8 @@ class Trainer:
             return current  # already saved at this step (e.g. as the best one)
         state = {"global_step": self.global_step, "consecutive_skips": self.consecutive_skips, "best_value": self.best_value,
                  "skipped_steps": self.skipped_steps, "weights": self.weights.state_dict(),
-                 "steps_per_epoch": self.data.steps_per_epoch, "world_size": self.world}
+                 "steps_per_epoch": self.data.steps_per_epoch, "world_size": self.world,
+                 "global_batch": self.recipe.train.micro_batch_size * self.recipe.train.grad_accum * self.world}
         folder = checkpoint.save(self.student, self.checkpoint_dir, self.global_step, state, self.recipe_yaml,
                                  self.manifest, self.recipe.train.keep_last)
         self.log.message(f"checkpoint: {folder}")
