@@ -61,6 +61,8 @@ def build_row_set(
 # of the whole batch is allocated (fresh allocations, not arithmetic, dominate there). Accelerators:
 # large blocks, because every block costs a dozen kernel launches.
 _CPU_BLOCK_ELEMENTS = 1 << 18
+# 1 / tau for the paper's tau_SD = 2: derived from the temperature-1 probabilities by a square root.
+_HALF = 0.5
 _ACCELERATOR_BLOCK_ELEMENTS = 1 << 26
 
 
@@ -136,6 +138,7 @@ def row_statistics(
         weights[row_set.sequence[start:stop], torch.arange(stop - start, device=z.device)] = row_set.pair_weight[
             start:stop
         ].to(dtype)
+        root = None
         for group, inv_t in enumerate(inv_temperatures):
             if inv_t == 1.0:
                 # One fused kernel; the normaliser follows from the largest probability, which is
@@ -143,6 +146,14 @@ def row_statistics(
                 probs = torch.softmax(z, dim=1)
                 lse[group, start:stop] = z_max.squeeze(1) - probs.amax(dim=1).log()
                 sums[group].addmm_(weights, probs)
+                if _HALF in inv_temperatures:
+                    root, root_group = probs.sqrt(), group
+                continue
+            if inv_t == _HALF and root is not None:
+                # exp((z - lse_1) / 2) = sqrt(softmax(z)): a square root instead of a second exponential.
+                row_sum = root.sum(dim=1)
+                lse[group, start:stop] = lse[root_group, start:stop] * _HALF + row_sum.log()
+                sums[group].addmm_(weights / row_sum, root)
                 continue
             scaled = torch.add(z_max * -inv_t, z, alpha=inv_t).exp_()  # exp((z - max) / tau)
             row_sum = scaled.sum(dim=1)
@@ -244,9 +255,16 @@ class StudentTopK(torch.autograd.Function):
             # Contiguous rows are written straight into the gradient (no block copy).
             direct = first_row is not None and grad2d.dtype == dtype
             target = grad2d[first_row : first_row + stop - start] if direct else None
+            root = None
             for group, inv_t in enumerate(inv_temperatures):
                 if inv_t == 1.0:
                     probs = torch.softmax(z, dim=1)
+                    if _HALF in inv_temperatures:
+                        root, root_group = probs.sqrt(), group
+                elif inv_t == _HALF and root is not None:
+                    # softmax(z / 2) = sqrt(softmax(z)) * exp(lse_1 / 2 - lse_half), as in the forward.
+                    scale = (lse[root_group, start:stop] * _HALF - lse[group, start:stop]).exp_().unsqueeze(1)
+                    probs = root.mul_(scale)
                 else:
                     probs = torch.add(-lse[group, start:stop].unsqueeze(1), z, alpha=inv_t).exp_()
                 coefficient = dense[group, start:stop].unsqueeze(1)
