@@ -85,6 +85,15 @@ def test_a_world_size_change_is_accepted_when_resharding_if_the_global_batch_is_
     assert checkpoint.saved_world_size(folder) == 2 and checkpoint.saved_world_size(tmp_path) is None
 
 
+def test_a_failed_universal_conversion_leaves_the_checkpoint_as_it_was(tmp_path):
+    folder = fake_checkpoint(tmp_path, 4)  # no DeepSpeed shards: the converter cannot work on it
+    before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+    with pytest.raises(CheckpointError, match="conversion to the universal format failed"):
+        checkpoint.universal_copy(folder)
+    assert sorted((p.name, p.read_bytes()) for p in folder.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no staging folder left
+
+
 def test_folder_hash_changes_with_tokenizer_content(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"a": 1}')
     first = checkpoint.folder_hash(tmp_path)
