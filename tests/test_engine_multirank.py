@@ -213,8 +213,9 @@ def test_sigkill_after_step_3_then_resume_matches_the_uninterrupted_run(runs, ti
     tmp = runs["tmp"]
     out = tmp / "killed"
     args = ["--config", ZERO3, *tiny_recipe_overrides(out, **REFERENCE_LOSS, **{"train.save_every": 3})]
+    port = free_port()
     with open(tmp / "killed.log", "w") as log:
-        process = subprocess.Popen(deepspeed_command(2, args, free_port()), env=job_env(tiny_zoo), cwd=REPO,
+        process = subprocess.Popen(deepspeed_command(2, args, port), env=job_env(tiny_zoo), cwd=REPO,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for_step(out, 3, process, timeout=400)
@@ -225,6 +226,8 @@ def test_sigkill_after_step_3_then_resume_matches_the_uninterrupted_run(runs, ti
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
     assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    # Even a killed job leaves none of DeepSpeed's CPU-allreduce files in /dev/shm (66 MB per rank).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     resumed = run_job(deepspeed_command(2, args, free_port()), job_env(tiny_zoo), tmp / "resumed.log")
     assert resumed.returncode == 0, resumed.log_text[-4000:]
     assert "resumed from" in resumed.log_text and "at step 3" in resumed.log_text

@@ -248,7 +248,8 @@ class StudentTopK(torch.autograd.Function):
         grad2d = torch.empty(logits2d.shape, dtype=logits.dtype, device=logits.device)
         untouched = torch.ones(batch * seq_len, dtype=torch.bool, device=logits.device)
         untouched[row_set.rows] = False
-        grad2d[untouched] = 0
+        # index_fill_ over whole rows: a boolean-mask assignment of the same rows ran 5x slower on CPU.
+        grad2d.index_fill_(0, untouched.nonzero().squeeze(1), 0)
         block = block_elements(ctx.chunk_elements, logits.device)
         for start, stop, first_row in row_blocks(row_set.rows, block // vocab):
             z = _read_block(logits2d, row_set.rows, start, stop, first_row, dtype)
