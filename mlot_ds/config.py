@@ -374,8 +374,9 @@ def validate(recipe: Recipe) -> None:
         _choice(teacher.loss.preset, MLOT_PRESETS, f"{where}.loss.preset")
         if teacher.loss.kind == "mined" and teacher.pairing != "dtw":
             raise RecipeError(f"{where}.pairing: loss 'mined' needs pairing 'dtw'; got {teacher.pairing!r}")
-        if teacher.loss.kind != "mlot" and teacher.loss.overrides and teacher.loss.kind != "mined":
-            raise RecipeError(f"{where}.loss.overrides: loss {teacher.loss.kind!r} takes no overrides")
+        if teacher.loss.kind != "mlot" and teacher.loss.overrides:
+            raise RecipeError(f"{where}.loss.overrides: loss {teacher.loss.kind!r} takes no overrides "
+                              f"(its weight is loss.weights.{teacher.loss.kind})")
         if teacher.loss.kind == "mlot":
             try:
                 hparams = resolve_preset(teacher.loss.preset, teacher.loss.overrides)

@@ -76,10 +76,9 @@ def init(timeout_s: float) -> None:
     _unlink_cpu_allreduce_buffer()
 
 
-def cpu_allreduce_buffer(rank_index: int, addr: str | None = None, port: str | None = None) -> Path:
+def cpu_allreduce_buffer(rank_index: int) -> Path:
     """The shared-memory file DeepSpeed's CPU allreduce creates for one rank of this job."""
-    addr = addr if addr is not None else os.environ.get("MASTER_ADDR", "")
-    port = port if port is not None else os.environ.get("MASTER_PORT", "")
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_index}"
 
 

@@ -93,6 +93,8 @@ BAD_RECIPES = [
     (lambda r: r["teachers"][0]["loss"].update(weights={"uld": 1.0}), "teachers[0].loss.weights.uld: loss 'mlot' has the terms had, sl, sd"),
     (lambda r: r["teachers"][0]["loss"].update(weights={"sd": -0.5}), "teachers[0].loss.weights.sd: expected a non-negative number"),
     (lambda r: r["teachers"][2].update(loss={"kind": "uld", "weights": {"had": 1}}), "teachers[2].loss.weights.had: loss 'uld' has the terms uld"),
+    (lambda r: r["teachers"][0].update(pairing="dtw", loss={"kind": "mined", "overrides": {"tau": 2.0}}),
+     "teachers[0].loss.overrides: loss 'mined' takes no overrides (its weight is loss.weights.mined)"),
     (lambda r: r["teachers"][0]["loss"].update(weights=[0.1]), "teachers[0].loss.weights: expected a mapping"),
     (lambda r: r["teachers"][0].update(source="cache", loss={"kind": "mlot", "preset": "official"}),
      "teachers[0].source: 'cache' cannot hold preset 'official'"),

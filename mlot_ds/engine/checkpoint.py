@@ -218,9 +218,9 @@ def universal_copy(folder: Path) -> Path:
             convert()
         except CheckpointError as exc:
             failure = exc
+    # A collective: no rank passes it before rank 0 has finished converting.
     if dist.any_rank(failure is not None):
         raise failure or CheckpointError(f"{folder}: conversion to the universal format failed on rank 0")
-    dist.barrier()
     return target
 
 

@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, overrides)
         ds_template = read_ds_config(args.config)
-        _check_losses(recipe)
         if args.dry_run:
             import torch
 
@@ -106,18 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     dist.destroy()
     return 0
-
-
-def _check_losses(recipe) -> None:
-    """Unknown loss presets or hyper-parameter names fail here, before any model is loaded."""
-    from mlot_ds.config import RecipeError
-    from mlot_ds.engine.teacher_loss import TeacherLoss
-
-    for i, teacher in enumerate(recipe.teachers):
-        try:
-            TeacherLoss(teacher.loss)
-        except (ValueError, KeyError) as exc:
-            raise RecipeError(f"teachers[{i}].loss: {exc}") from None
 
 
 def _summary(out: Path, export_dir, results: dict, seconds: float) -> str:

@@ -41,8 +41,7 @@ class TeacherLoss:
 
     def __post_init__(self):
         if self.config.kind == "mlot":
-            self.overrides = dict(self.config.overrides)
-            self.hparams = losses.resolve_preset(self.config.preset, self.overrides)
+            self.hparams = losses.resolve_preset(self.config.preset, self.config.overrides)
             self.term_weights = dict(self.hparams.weights)
             self.denominator = "sequences" if self.hparams.normalize_by == "sequences" else "pairs"
         elif self.config.kind == "uld":

@@ -66,18 +66,20 @@ class Trainer:
         self.total_steps = recipe.train.max_steps or recipe.train.epochs * self.data.steps_per_epoch
         self.ds_config = student_ds_config(self.ds_template, recipe, self.world, self.total_steps, self.device,
                                            source=self.ds_config_source)
+        # The checkpoint to resume from is checked before any engine exists: a universal checkpoint
+        # (another number of ranks) needs load_universal in the engine's config.
         self.resume_folder = self._resume_folder()
         self.load_folder = self.resume_folder
-        saved_world = checkpoint.saved_world_size(self.resume_folder) if self.resume_folder else None
-        if saved_world not in (None, self.world) and recipe.train.reshard_on_resume:
-            # DeepSpeed re-partitions ZeRO-3 shards only from its universal format, and only when
-            # the engine is created with load_universal set.
-            checkpoint.check_compatible(self.resume_folder, self.inputs.manifest, recipe.train.allow_teacher_change,
-                                        self.world, self.data.steps_per_epoch, reshard=True)
-            dist.print0(f"{self.resume_folder} was saved by {saved_world} ranks, this run has {self.world}: "
-                        f"converting it to DeepSpeed's universal format")
-            self.load_folder = checkpoint.universal_copy(self.resume_folder)
-            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        if self.resume_folder is not None:
+            saved_world = checkpoint.saved_world_size(self.resume_folder)
+            reshard = saved_world not in (None, self.world) and recipe.train.reshard_on_resume
+            checkpoint.check_compatible(self.resume_folder, inputs.manifest, recipe.train.allow_teacher_change,
+                                        self.world, self.data.steps_per_epoch, reshard=reshard)
+            if reshard:
+                dist.print0(f"{self.resume_folder} was saved by {saved_world} ranks, this run has {self.world}: "
+                            f"converting it to DeepSpeed's universal format")
+                self.load_folder = checkpoint.universal_copy(self.resume_folder)
+                self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         bf16 = bool(self.ds_config["bf16"]["enabled"])
 
         student_model = load_causal_lm(inputs.student.model, dtype=resolve_dtype(recipe.student.dtype, bf16),
@@ -114,8 +116,6 @@ class Trainer:
         folder = self.resume_folder
         if folder is None:
             return
-        checkpoint.check_compatible(folder, self.manifest, self.recipe.train.allow_teacher_change,
-                                    self.world, self.data.steps_per_epoch, reshard=self.load_folder != folder)
         state = checkpoint.load(self.student, self.load_folder)
         self.global_step = int(state["global_step"])
         self.consecutive_skips = int(state.get("consecutive_skips", 0))

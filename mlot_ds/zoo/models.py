@@ -55,33 +55,21 @@ def build_model(member: str, spec: MemberSpec, tokenizer: PreTrainedTokenizerBas
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    key_value_heads = max(1, spec.num_heads // 2)
+    # Llama and Qwen2 share one decoder layout; they differ in vocabulary rows and head tying.
+    decoder = dict(
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=max(1, spec.num_heads // 2),
+        max_position_embeddings=context_length,
+        **ids,
+    )
     if member == "teacher-llama":
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=key_value_heads,
-            max_position_embeddings=context_length,
-            tie_word_embeddings=False,
-            **ids,
-        )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **decoder))
     elif member == "teacher-qwen":
-        config = Qwen2Config(
-            vocab_size=padded_vocab_size(len(tokenizer)),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=key_value_heads,
-            max_position_embeddings=context_length,
-            tie_word_embeddings=True,
-            **ids,
-        )
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=padded_vocab_size(len(tokenizer)), tie_word_embeddings=True,
+                                             **decoder))
     elif member == "teacher-opt":
         config = OPTConfig(
             vocab_size=len(tokenizer),

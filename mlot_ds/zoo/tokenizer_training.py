@@ -51,6 +51,18 @@ def train_tokenizer(member: str, texts: Sequence[str], vocab_size: int, context_
     return tokenizer
 
 
+# Both sentencepiece-trained tokenizers keep text as is and train deterministically (one thread,
+# no shuffling), so a zoo build gives the same vocabulary every time.
+_SENTENCEPIECE_COMMON = dict(
+    remove_extra_whitespaces=False,
+    character_coverage=1.0,
+    max_sentence_length=1 << 16,
+    shuffle_input_sentence=False,
+    num_threads=1,
+    minloglevel=2,
+)
+
+
 def _batches(texts: list[str]):
     for start in range(0, len(texts), _BATCH):
         yield texts[start : start + _BATCH]
@@ -61,22 +73,17 @@ def _train_llama(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
+        **_SENTENCEPIECE_COMMON,
         model_type="bpe",
         vocab_size=vocab_size,
         byte_fallback=True,
         # Keep text as is (newlines included) so that decode(encode(x)) == x, as in Llama's tokenizer.
         normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
         split_digits=True,
-        character_coverage=1.0,
         unk_id=0,
         bos_id=1,
         eos_id=2,
         pad_id=3,
-        max_sentence_length=1 << 16,
-        shuffle_input_sentence=False,
-        num_threads=1,
-        minloglevel=2,
     )
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "tokenizer.model").write_bytes(model.getvalue())
@@ -106,20 +113,15 @@ def _train_opt(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
+        **_SENTENCEPIECE_COMMON,
         model_type="unigram",
         vocab_size=vocab_size,
         normalization_rule_name="nfkc",
-        remove_extra_whitespaces=False,
-        character_coverage=1.0,
         max_sentencepiece_length=12,
         bos_id=0,
         pad_id=1,
         eos_id=2,
         unk_id=3,
-        max_sentence_length=1 << 16,
-        shuffle_input_sentence=False,
-        num_threads=1,
-        minloglevel=2,
     )
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.getvalue())
