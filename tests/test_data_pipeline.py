@@ -296,8 +296,14 @@ def test_overlong_prompts_are_cut_from_the_left_and_long_responses_dropped():
     assert len(ids) == 40 and ids[0] == data.student.tokenizer.bos_token_id  # BOS kept at the front
     tokenizer = data.student.tokenizer
     full_prompt = tokenizer.encode(render_plain("a long prompt " * 30), add_special_tokens=False)
-    response_length = len(tokenizer.encode("fine answer", add_special_tokens=False)) + 1
+    # the response is read after the prompt, in one text (no SentencePiece dummy prefix before it)
+    joint = tokenizer.encode(render_plain("a long prompt " * 30) + "fine answer", add_special_tokens=False)
+    assert joint[: len(full_prompt)] == full_prompt
+    response_ids = joint[len(full_prompt) :]
+    assert response_ids != tokenizer.encode("fine answer", add_special_tokens=False)  # alone: '▁f...'
+    response_length = len(response_ids) + 1
     assert ids[1 : 40 - response_length] == full_prompt[-(39 - response_length):]
+    assert ids[40 - response_length :] == response_ids + [tokenizer.eos_token_id]
 
 
 def test_model_vocab_size_checks_and_padding():
@@ -349,7 +355,7 @@ def test_tokenization_is_cached_per_distinct_tokenizer(tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a cached tokenization should have been loaded")
 
-    monkeypatch.setattr(encode_module, "response_spans", must_not_run)
+    monkeypatch.setattr(encode_module, "encode_prompt_responses", must_not_run)
     monkeypatch.setattr(encode_module, "offsets_pairs", must_not_run)
     monkeypatch.setattr(encode_module, "dtw_pairs", must_not_run)
     second = build(cache_dir=tmp_path)

@@ -3,9 +3,11 @@
     python tools/inspect_pairing.py --student STUDENT_TOKENIZER_DIR --teacher TEACHER_TOKENIZER_DIR \\
         --prompt "Summarize the dialogue.\\n#Person1#: Hi!\\nSummary:" --response "They greet." --pairing offsets
 
-The record goes through the real data pipeline (templates, BOS/EOS policy, pairing), so the
-output is exactly what training would use. For each side: every response token with its logit
-row, its byte span in the response and its text. Then the pairs: for ``offsets`` the groups
+The record goes through the real data pipeline (templates, BOS/EOS policy, prompt and response
+tokenized in one text, pairing), so the output is exactly what training would use. For each side:
+how the response was cut from the prompt + response tokens (``joint``, or ``alone`` where a token
+straddles the boundary), then every response token with its logit row, its byte span in the
+response (the spans training pairs by) and its text. Then the pairs: for ``offsets`` the groups
 (the text both sides spell alike, the tokens of each side, and the one pair of rows distilled),
 for ``position`` and ``dtw`` the paired tokens (for ``dtw`` also the teacher token that the MinED
 vocabulary map gives the student token). A bad path exits with status 1 and a clear message.
@@ -37,16 +39,19 @@ def _response_tokens(side, part, row: int = 0) -> tuple[int, list[int]]:
     return positions[0], ids
 
 
-def _show_side(label, side, part, response):
-    from mlot_ds.data.offsets import response_spans
+def _show_side(label, side, part, response, encoded):
     from mlot_ds.pairing.surface import token_display_strings
 
     first, ids = _response_tokens(side, part)
-    spans, method = response_spans(side.tokenizer, response, ids)
+    if ids != encoded["response_ids"]:
+        raise RuntimeError(f"{label}: the batch and the tokenized dataset hold different response tokens")
+    spans, method = encoded["spans"], encoded["offsets_method"]
     prompt_ids = part.input_ids[0][:first].tolist()
     print(f"{label}: {side.tokenizer.name_or_path} ({type(side.tokenizer).__name__}, {len(side.tokenizer)} tokens)")
-    print(f"  prompt: {len(prompt_ids)} tokens, starts {token_display_strings(side.tokenizer, prompt_ids[:3])!r}")
-    print(f"  response: {len(ids)} tokens{' + EOS' if side.append_eos else ''}; byte spans by {method}")
+    print(f"  prompt: {len(prompt_ids)} tokens, starts {token_display_strings(side.tokenizer, prompt_ids[:3])!r}, "
+          f"ends {token_display_strings(side.tokenizer, prompt_ids[-3:])!r}")
+    print(f"  response: {len(ids)} tokens{' + EOS' if side.append_eos else ''}, tokenized {encoded['tokenization']}; "
+          f"byte spans by {method}")
     data = response.encode("utf-8")
     print(f"  {'#':>3} {'row':>5}  {'token':<18} {'bytes':<9} text")
     for index, (token, (start, end)) in enumerate(zip(token_display_strings(side.tokenizer, ids), spans)):
@@ -90,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     batch = data.micro_batches(0, 0)[0]
-    s_first, s_ids, s_spans = _show_side("student", student, batch.student, response)
+    s_first, s_ids, s_spans = _show_side("student", student, batch.student, response, data.record_tokens("student", 0))
     print()
-    t_first, t_ids, t_spans = _show_side("teacher", teacher, batch.teachers["teacher"], response)
+    t_first, t_ids, t_spans = _show_side("teacher", teacher, batch.teachers["teacher"], response,
+                                         data.record_tokens("teacher", 0))
     pairing = batch.pairings["teacher"]
     rows = list(zip(pairing.student_index[0][pairing.mask[0]].tolist(), pairing.teacher_index[0][pairing.mask[0]].tolist()))
     print(f"\npairing {args.pairing}: {len(rows)} pairs (student row -> teacher row; each row predicts the next token)")

@@ -27,6 +27,9 @@ _EXPORTS = {
     "prompt_token_ids": "templates",
     "render_prompt": "templates",
     "load_tokenizer": "tokenizer",
+    "PromptResponse": "tokenize",
+    "encode_prompt_response": "tokenize",
+    "encode_prompt_responses": "tokenize",
 }
 __all__ = sorted(_EXPORTS)
 

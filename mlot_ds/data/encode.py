@@ -7,12 +7,18 @@ directory the result is an Arrow file named after that fingerprint, so a second 
 model with the same tokenizer and template) loads it instead of tokenizing again. A changed
 tokenizer, template or record changes the name, so stale files are never read.
 
+Prompt and response are tokenized as the model reads them, in one text cut where the response
+starts (:mod:`mlot_ds.data.tokenize`), so a SentencePiece model reads no dummy-prefix space
+before the response.
+
 Columns of a tokenized dataset (one row per record, same order as the input):
 ``prompt_ids`` (left-truncated to fit), ``response_ids`` (no special tokens, no EOS),
 ``span_starts`` / ``span_ends`` (byte spans of the response tokens, see
 :mod:`mlot_ds.data.offsets`), ``prompt_length``, ``response_length``, ``fits`` (the response plus
-EOS plus one prompt token fit in ``max_length``), ``prompt_truncated``, ``offsets_method`` and
-``decodes_back`` (the response ids decode to the response text exactly).
+EOS plus one prompt token fit in ``max_length``), ``prompt_truncated``, ``offsets_method``,
+``tokenization`` (``joint``, or ``alone`` where the fallback of :mod:`mlot_ds.data.tokenize` was
+needed) and ``decodes_back`` (the response ids, read after the prompt, decode to the response
+text exactly).
 """
 
 from __future__ import annotations
@@ -26,15 +32,15 @@ from typing import Sequence
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from mlot_ds.data.offsets import response_spans
 from mlot_ds.data.records import Record
 from mlot_ds.data.templates import Template, render_prompt
+from mlot_ds.data.tokenize import decodes_to_response, encode_prompt_responses
 from mlot_ds.pairing.dtw import dtw_pairs
 from mlot_ds.pairing.offsets import offsets_pairs
 from mlot_ds.pairing.surface import leading_special_ids, token_surface_bytes_cached, tokenizer_fingerprint
 
-ENCODE_FORMAT_VERSION = 2
-PAIRS_FORMAT_VERSION = 2
+ENCODE_FORMAT_VERSION = 3  # 3: prompt + response tokenized in one text; non-whitespace offset gaps go to the token before
+PAIRS_FORMAT_VERSION = 3
 MAP_BATCH_SIZE = 256
 
 
@@ -64,7 +70,8 @@ ENCODED_FEATURES = datasets.Features({
     "prompt_ids": _IDS, "response_ids": _IDS, "span_starts": _IDS, "span_ends": _IDS,
     "prompt_length": datasets.Value("int64"), "response_length": datasets.Value("int64"),
     "fits": datasets.Value("bool"), "prompt_truncated": datasets.Value("bool"),
-    "offsets_method": datasets.Value("string"), "decodes_back": datasets.Value("bool"),
+    "offsets_method": datasets.Value("string"), "tokenization": datasets.Value("string"),
+    "decodes_back": datasets.Value("bool"),
 })
 PAIR_FEATURES = datasets.Features({"pair_student": _IDS, "pair_teacher": _IDS})
 
@@ -143,17 +150,16 @@ def encode_model(
 
     def encode(batch: dict) -> dict:
         texts = [render_prompt(template, tokenizer, p, examples, model=name) for p in batch["prompt"]]
-        prompts = [lead + ids for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-        responses = tokenizer(batch["response"], add_special_tokens=False, verbose=False)["input_ids"]
+        encoded = encode_prompt_responses(tokenizer, texts, batch["response"], leading_ids=lead)
         out = {k: [] for k in ("prompt_ids", "response_ids", "span_starts", "span_ends", "prompt_length",
-                               "response_length", "fits", "prompt_truncated", "offsets_method", "decodes_back")}
-        for prompt_ids, response_ids, response in zip(prompts, responses, batch["response"]):
+                               "response_length", "fits", "prompt_truncated", "offsets_method", "tokenization",
+                               "decodes_back")}
+        for record, response in zip(encoded, batch["response"]):
+            prompt_ids, response_ids, spans = record.prompt_ids, record.response_ids, record.spans
             budget = max_length - len(response_ids) - len(eos)
             keep_first = next((i for i, t in enumerate(prompt_ids) if t not in special), len(prompt_ids))
             fits = budget >= 1 and len(response_ids) > 0 and len(prompt_ids) > 0
             kept = truncate_prompt(prompt_ids, max(budget, 1), keep_first) if fits else prompt_ids
-            spans, method = response_spans(tokenizer, response, response_ids)
-            decoded = tokenizer.decode(response_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             out["prompt_ids"].append(kept)
             out["response_ids"].append(response_ids)
             out["span_starts"].append([s for s, _ in spans])
@@ -162,8 +168,9 @@ def encode_model(
             out["response_length"].append(len(response_ids))
             out["fits"].append(fits)
             out["prompt_truncated"].append(len(kept) < len(prompt_ids))
-            out["offsets_method"].append(method)
-            out["decodes_back"].append(decoded == response)
+            out["offsets_method"].append(record.offsets_method)
+            out["tokenization"].append(record.tokenization)
+            out["decodes_back"].append(decodes_to_response(tokenizer, prompt_ids, response_ids, response))
         return out
 
     encoded = _run_map(base, encode, fingerprint, cache_dir, "tokenized", progress, desc=f"tokenizing for {name}",

@@ -12,11 +12,19 @@ Three ways, tried in order:
    the spans are exact to the byte. This holds for byte-level BPE (GPT-2, Llama 3, Qwen),
    SentencePiece with byte fallback (Llama 2, Mistral, Gemma) and Metaspace Unigram models.
 2. ``tokenizer``: the character offsets of a fast tokenizer (``return_offsets_mapping``), for
-   tokenizers that normalise text (lower-casing, NFKC) so that tokens no longer spell it.
-   Whitespace that offsets leave out goes to the following token, as ``Ġ``/``▁`` tokens do.
+   tokenizers that normalise text (lower-casing, NFKC) so that tokens no longer spell it. The
+   caller may pass the offsets it already has (those of the response cut out of the prompt +
+   response encoding, :mod:`mlot_ds.data.tokenize`); else the response is encoded alone and used
+   when that gives the same ids. Text that the offsets leave out between two tokens (a space the
+   pre-tokenizer dropped, an accent a normaliser removed) is split by kind: a non-whitespace
+   start (such as the combining accent of ``cafe\u0301``) goes to the token before, whose
+   character it modifies; from its first whitespace character on it goes to the following token,
+   as ``Ġ``/``▁`` tokens carry their leading space.
 3. ``decoding``: for slow tokenizers without offsets, incremental decoding: the text decoded from
    the tokens so far, compared with the response, gives each clean cut. Where decoding does not
-   reproduce the response, the remaining tokens form one span.
+   reproduce the response, the remaining tokens form one span. A few prompt tokens may be given
+   as context, so that a SentencePiece decoder does not strip the leading space of the response's
+   first token (it does so only at the start of a text).
 """
 
 from __future__ import annotations
@@ -57,8 +65,25 @@ def _char_to_byte(text: str) -> list[int]:
     return positions
 
 
+def _cut_in_gap(text: str, end: int, next_start: int) -> int:
+    """Where to cut the text ``text[end:next_start]`` that no token's offsets cover.
+
+    Its non-whitespace start (an accent a normaliser dropped, any other left-out character) goes
+    to the token before; from the first whitespace character on, the gap goes to the following
+    token (the space a ``Ġ``/``▁`` token stands for, and whatever follows that space).
+    """
+    cut = end
+    while cut < next_start and not text[cut].isspace():
+        cut += 1
+    return cut
+
+
 def _partition_from_char_offsets(offsets: Sequence[tuple[int, int]], text: str) -> list[tuple[int, int]]:
-    """Turn character offsets (which may overlap inside a character or skip spaces) into a partition."""
+    """Turn character offsets (which may overlap inside a character or skip text) into a partition.
+
+    Text before the first token goes to the first token, text after the last to the last one, and
+    a gap between two tokens is split by :func:`_cut_in_gap`.
+    """
     byte_at = _char_to_byte(text)
     spans: list[tuple[int, int]] = []
     run_start, run_length = 0, 0
@@ -67,13 +92,23 @@ def _partition_from_char_offsets(offsets: Sequence[tuple[int, int]], text: str) 
         last = index == len(offsets) - 1
         if not last and end > offsets[index + 1][0]:
             continue  # the next token starts inside this one's character: no cut here
-        cut = len(text) if last else min(max(end, run_start), len(text))
+        if last:
+            cut = len(text)
+        else:
+            end = min(max(end, run_start), len(text))
+            cut = _cut_in_gap(text, end, min(max(offsets[index + 1][0], end), len(text)))
         spans.extend([(byte_at[run_start], byte_at[cut])] * run_length)
         run_start, run_length = cut, 0
     return spans
 
 
-def _from_tokenizer_offsets(tokenizer, response: str, token_ids: Sequence[int]) -> list[tuple[int, int]] | None:
+def _from_tokenizer_offsets(
+    tokenizer, response: str, token_ids: Sequence[int], char_offsets: Sequence[tuple[int, int]] | None = None
+) -> list[tuple[int, int]] | None:
+    if char_offsets is not None:
+        if len(char_offsets) != len(token_ids):
+            raise ValueError(f"{len(char_offsets)} character offsets for {len(token_ids)} tokens")
+        return _partition_from_char_offsets([tuple(o) for o in char_offsets], response)
     if not getattr(tokenizer, "is_fast", False):
         return None
     encoding = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
@@ -83,21 +118,43 @@ def _from_tokenizer_offsets(tokenizer, response: str, token_ids: Sequence[int]) 
     return _partition_from_char_offsets([tuple(o) for o in offsets], response)
 
 
-def spans_by_decoding(tokenizer: PreTrainedTokenizerBase, response: str, token_ids: Sequence[int]) -> list[tuple[int, int]]:
+def _clean_context(decode, context: list[int]) -> list[int]:
+    """The shortest tail of ``context`` that decodes to some text without a replacement character.
+
+    A tail that starts inside a character (the last bytes of a byte-fallback emoji) decodes to
+    replacement characters, and so would the response bytes decoded after it.
+    """
+    for length in range(1, len(context) + 1):
+        text = decode(context[-length:])
+        if text and REPLACEMENT_CHARACTER not in text:
+            return context[-length:]
+    return []
+
+
+def spans_by_decoding(
+    tokenizer: PreTrainedTokenizerBase, response: str, token_ids: Sequence[int], context_ids: Sequence[int] = ()
+) -> list[tuple[int, int]]:
     """Spans from incremental decoding (method 3); works for any tokenizer that can decode.
 
     After ``k`` tokens, the text they add is ``decode(ids[w:k])`` minus ``decode(ids[w:a])``, with
     ``a`` the last clean cut and ``w`` a few tokens before it (so a SentencePiece decoder strips
     the same leading space from both). A cut is clean when that text continues the response
     exactly and does not end in a replacement character (an incomplete UTF-8 sequence).
+
+    ``context_ids``: tokens read before the response (the end of its prompt, which must end at a
+    clean cut); the last few are decoded with the first response tokens, so that a leading space
+    of the response is not stripped as if the response started the text.
     """
 
     def decode(ids: Sequence[int]) -> str:
         return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    context = _clean_context(decode, list(context_ids)[-DECODE_CONTEXT_TOKENS:])
+    skip = len(context)
+    token_ids = context + list(token_ids)
     cuts: list[tuple[int, int]] = []  # (token count, character position) of each clean cut
-    anchor_tokens = anchor_chars = 0
-    for count in range(1, len(token_ids) + 1):
+    anchor_tokens, anchor_chars = skip, 0
+    for count in range(skip + 1, len(token_ids) + 1):
         window = max(0, anchor_tokens - DECODE_CONTEXT_TOKENS)
         before = decode(token_ids[window:anchor_tokens]) if anchor_tokens > window else ""
         after = decode(token_ids[window:count])
@@ -114,7 +171,7 @@ def spans_by_decoding(tokenizer: PreTrainedTokenizerBase, response: str, token_i
         cuts[-1] = (len(token_ids), len(response))
     byte_at = _char_to_byte(response)
     spans: list[tuple[int, int]] = []
-    previous_tokens = previous_chars = 0
+    previous_tokens, previous_chars = skip, 0
     for tokens, chars in cuts:
         spans.extend([(byte_at[previous_chars], byte_at[chars])] * (tokens - previous_tokens))
         previous_tokens, previous_chars = tokens, chars
@@ -122,9 +179,19 @@ def spans_by_decoding(tokenizer: PreTrainedTokenizerBase, response: str, token_i
 
 
 def response_spans(
-    tokenizer: PreTrainedTokenizerBase, response: str, token_ids: Sequence[int]
+    tokenizer: PreTrainedTokenizerBase,
+    response: str,
+    token_ids: Sequence[int],
+    *,
+    char_offsets: Sequence[tuple[int, int]] | None = None,
+    context_ids: Sequence[int] = (),
 ) -> tuple[list[tuple[int, int]], str]:
     """Byte spans of ``token_ids`` (the response's tokens, no special tokens) and the method used.
+
+    Args:
+        char_offsets: the tokens' character offsets in ``response``, when the caller has them
+            (fast tokenizers); else they are looked up by encoding the response alone.
+        context_ids: the prompt tokens read before the response, for incremental decoding.
 
     Returns:
         ``(spans, method)`` with ``method`` in ``{"surface", "tokenizer", "decoding"}``.
@@ -134,7 +201,7 @@ def response_spans(
     spans = _from_surfaces(token_surface_bytes_cached(tokenizer), token_ids, response.encode("utf-8"))
     if spans is not None:
         return spans, "surface"
-    spans = _from_tokenizer_offsets(tokenizer, response, token_ids)
+    spans = _from_tokenizer_offsets(tokenizer, response, token_ids, char_offsets)
     if spans is not None:
         return spans, "tokenizer"
-    return spans_by_decoding(tokenizer, response, token_ids), "decoding"
+    return spans_by_decoding(tokenizer, response, token_ids, context_ids), "decoding"

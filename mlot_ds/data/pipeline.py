@@ -105,6 +105,9 @@ class DistillationData:
             rows. Rows beyond ``len(student tokenizer)`` (never a target) map to the teacher's UNK,
             else its PAD, else id 0: every value is a valid teacher id, as the MinED loss requires.
         truncated_prompts: model name -> number of kept records whose prompt was cut.
+        separate_responses: model name -> number of kept records whose response could not be
+            cut from the prompt + response encoding (a token straddles the boundary) and was
+            tokenized alone, its dummy prefix removed (see :mod:`mlot_ds.data.tokenize`).
     """
 
     def __init__(
@@ -177,6 +180,17 @@ class DistillationData:
             side.name: int(np.asarray(self._encoded[side.name]["prompt_truncated"], dtype=bool)[self._kept].sum())
             for side in self.sides
         }
+        self.separate_responses = {
+            side.name: int((np.asarray(self._encoded[side.name]["tokenization"]) == "alone")[self._kept].sum())
+            for side in self.sides
+        }
+        for side in self.sides:
+            if self.separate_responses[side.name]:
+                warnings.warn(
+                    f"{side.name}: for {self.separate_responses[side.name]} of {self.num_records} records a token "
+                    "straddles the end of the prompt, so the response was tokenized on its own (dummy prefix removed)",
+                    stacklevel=2,
+                )
 
         self._pairs: dict[str, datasets.Dataset] = {}
         for teacher in self.teachers:
@@ -209,6 +223,17 @@ class DistillationData:
     def column(self, name: str, column: str) -> np.ndarray:
         """A per-record integer column of model ``name``, over the kept records."""
         return np.asarray(self._encoded[name][column], dtype=np.int64)[self._kept]
+
+    def record_tokens(self, name: str, position: int) -> dict:
+        """Model ``name``'s tokenization of kept record ``position``: ``prompt_ids`` (as fed, after
+        truncation), ``response_ids``, ``spans`` (byte spans of the response tokens),
+        ``offsets_method`` and ``tokenization``."""
+        row = self._encoded[name][int(self._kept[position])]
+        return {
+            "prompt_ids": list(row["prompt_ids"]), "response_ids": list(row["response_ids"]),
+            "spans": list(zip(row["span_starts"], row["span_ends"])), "offsets_method": row["offsets_method"],
+            "tokenization": row["tokenization"],
+        }
 
     def _eos_paired(self, side: ModelSide) -> bool:
         return self.student.distill_final_eos and side.append_eos

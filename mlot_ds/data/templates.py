@@ -11,7 +11,8 @@ template's ``"\\n"`` separator), with ``add_generation_prompt=True``.
 
 The rendered text is tokenized without adding special tokens; for ``plain`` the tokenizer's
 leading special ids (its BOS, when it adds one) are put in front. Chat templates write their own
-BOS as text, so nothing is added and no BOS is doubled.
+BOS as text, so nothing is added and no BOS is doubled. For training and scoring, the rendered
+prompt and the response are tokenized together, as one text (:mod:`mlot_ds.data.tokenize`).
 
 The example pool is chosen by the caller. :class:`mlot_ds.data.pipeline.DistillationData` takes
 it from the head of the training records and removes those records from training, so that no

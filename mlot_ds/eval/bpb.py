@@ -15,6 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
+from mlot_ds.data.tokenize import encode_prompt_responses
+from mlot_ds.pairing.surface import leading_special_ids
+
 
 def bits_per_byte(
     model: torch.nn.Module,
@@ -26,14 +29,16 @@ def bits_per_byte(
     device: torch.device | str | None = None,
     append_eos: bool = True,
     max_length: int | None = None,
+    prompt_special_tokens: bool = True,
 ) -> float:
     """``sum_r -log2 p(response_r tokens | prompt_r) / sum_r utf8_bytes(response_r)``.
 
-    Each prompt is tokenized with the tokenizer's special tokens (a BOS where the tokenizer adds
-    one); each response is tokenized on its own without special tokens and, if ``append_eos``, the
-    tokenizer's EOS is appended and scored as part of the response (its bytes count as zero). So
-    pass the exact text a model conditions on, separator included, as the prompt, e.g.
-    ``mlot_ds.zoo.corpus.render_context(dialogue)``.
+    Prompt and response are tokenized as the model reads them, in one text cut where the response
+    starts (:func:`mlot_ds.data.tokenize.encode_prompt_responses`, the same tokens training
+    uses), with the tokenizer's leading special tokens (a BOS where it adds one) before the prompt
+    when ``prompt_special_tokens``; if ``append_eos``, the tokenizer's EOS is appended and scored
+    as part of the response (its bytes count as zero). So pass the exact text a model conditions
+    on, separator included, as the prompt, e.g. ``mlot_ds.zoo.corpus.render_context(dialogue)``.
 
     Args:
         model: a causal LM returning ``.logits`` of shape ``[B, T, V]`` (``V`` may exceed
@@ -46,6 +51,8 @@ def bits_per_byte(
         max_length: longest sequence fed to the model; longer prompts lose tokens *from the left*
             (the response is always kept whole). Defaults to ``tokenizer.model_max_length`` when
             that is a real limit.
+        prompt_special_tokens: put the leading special tokens before each prompt, as for a plain
+            template; ``False`` for prompts rendered by a chat template, which writes its own.
 
     Returns:
         Bits per byte over all responses (a float; lower is better). Logits are upcast to float32.
@@ -65,10 +72,11 @@ def bits_per_byte(
         max_length = tokenizer.model_max_length
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    lead = leading_special_ids(tokenizer) if prompt_special_tokens else []
+    encoded = encode_prompt_responses(tokenizer, list(prompts), list(responses), leading_ids=lead, with_spans=False)
     sequences = []
-    for index, (prompt, response) in enumerate(zip(prompts, responses)):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    for index, record in enumerate(encoded):
+        prompt_ids, response_ids = record.prompt_ids, record.response_ids
         if append_eos:
             response_ids = response_ids + [tokenizer.eos_token_id]
         if max_length is not None:

@@ -20,7 +20,7 @@ TEACHERS: tuple[str, ...] = MEMBERS[:3]
 STUDENT = "student"
 
 # Bump when the build code changes what it writes, so that old caches are not reused.
-ZOO_FORMAT_VERSION = 3
+ZOO_FORMAT_VERSION = 4  # 4: tuning and bits per byte tokenize context + response in one text
 
 
 @dataclass(frozen=True)

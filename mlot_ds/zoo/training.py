@@ -13,6 +13,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from mlot_ds.data.tokenize import encode_prompt_responses
+from mlot_ds.pairing.surface import leading_special_ids
+
 IGNORE_INDEX = -100
 ADAM_BETAS = (0.9, 0.95)
 WEIGHT_DECAY = 0.01
@@ -51,16 +54,20 @@ def tuning_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``(context, response)`` pairs as ``context + response + EOS``, loss on the response and EOS only.
 
-    The context is tokenized with special tokens and the response on its own, as
-    :func:`mlot_ds.eval.bits_per_byte` does. Contexts that do not fit lose tokens from the left.
+    Context and response are tokenized as the model reads them, in one text cut where the response
+    starts, after the tokenizer's leading special tokens (its BOS, if any): the tokens
+    :func:`mlot_ds.eval.bits_per_byte` and the training data use
+    (:func:`mlot_ds.data.tokenize.encode_prompt_responses`). Contexts that do not fit lose tokens
+    from the left.
     """
     if len(examples) < batch_size:
         raise ValueError(f"tuning needs at least one batch: {len(examples)} examples < batch_size {batch_size}")
-    contexts = tokenizer([context for context, _ in examples], add_special_tokens=True)["input_ids"]
-    responses = tokenizer([response for _, response in examples], add_special_tokens=False)["input_ids"]
+    pairs = encode_prompt_responses(tokenizer, [context for context, _ in examples], [response for _, response in examples],
+                                    leading_ids=leading_special_ids(tokenizer), with_spans=False)
     encoded = []
-    for context_ids, response_ids in zip(contexts, responses):
-        response_ids = (response_ids + [tokenizer.eos_token_id])[: context_length - 1]
+    for pair in pairs:
+        context_ids = pair.prompt_ids
+        response_ids = (pair.response_ids + [tokenizer.eos_token_id])[: context_length - 1]
         context_ids = context_ids[-(context_length - len(response_ids)) :]
         encoded.append((context_ids, response_ids))
 
