@@ -1,49 +1,94 @@
-"""The recipe: one typed config, loaded from YAML with dotted overrides and validated up front.
+"""The recipe: one typed config, loaded from YAML with dotted overrides and validated in one place.
 
 Every knob of a run lives here; the DeepSpeed JSON only adds engine tuning (ZeRO buckets, offload)
 and its batch/optimizer keys are filled from this recipe (see ``mlot_ds.engine.ds_config``).
 
     recipe = load_recipe("my.yaml", ["train.max_steps=20", "teachers.llama.weight=2"])
 
-Errors are :class:`RecipeError` and name the field path, e.g. ``teachers[1].loss.preset``.
+The types are the rules: a ``Literal[...]`` field takes one of its values, an ``Annotated[float,
+Range(...)]`` field a finite number in its range (``nan``, ``inf`` and ``1e999`` are refused,
+whether they come from YAML or from a dotted override), and :func:`validate` adds the rules that
+span several fields. Errors are :class:`RecipeError` and name the field path, e.g.
+``teachers[1].loss.preset``; every entry point reports them as one line with exit status 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mlot_ds.errors import BadInput
 from mlot_ds.losses.presets import TERMS, resolve_preset
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 
-PAIRINGS = ("position", "offsets", "dtw")
-LOSS_KINDS = ("mlot", "uld", "mined")
-MLOT_PRESETS = ("default", "paper", "official")
-PLACEMENTS = ("shard", "offload", "replicate")
-SOURCES = ("live", "cache")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-TEMPLATE_KINDS = ("plain", "chat")
-ADAPTERS = ("dialogsum", "qed", "fairytaleqa", "jsonl")
 
-
-class RecipeError(ValueError):
+class RecipeError(BadInput):
     """A recipe value is wrong. The message names the field and what was expected."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number field: ``gt``/``ge`` below, ``lt``/``le`` above (``None`` = unbounded)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def contains(self, value: float) -> bool:
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+    def describe(self, integer: bool) -> str:
+        kind = "an integer" if integer else "a number"
+        if self == POSITIVE:
+            return "a positive " + kind.split()[-1]
+        if self == NON_NEGATIVE:
+            return "a non-negative " + kind.split()[-1]
+        bounds = [f"> {_num(self.gt)}" if self.gt is not None else None, f">= {_num(self.ge)}" if self.ge is not None else None,
+                  f"< {_num(self.lt)}" if self.lt is not None else None, f"<= {_num(self.le)}" if self.le is not None else None]
+        return f"{kind} " + " and ".join(b for b in bounds if b)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+POSITIVE = Range(gt=0)
+NON_NEGATIVE = Range(ge=0)
+AT_LEAST_ONE = Range(ge=1)
+
+PositiveFloat = Annotated[float, POSITIVE]
+NonNegativeFloat = Annotated[float, NON_NEGATIVE]
+PositiveInt = Annotated[int, AT_LEAST_ONE]
+NonNegativeInt = Annotated[int, NON_NEGATIVE]
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Adapter = Literal["dialogsum", "qed", "fairytaleqa", "jsonl"]
+PairingRule = Literal["position", "offsets", "dtw"]
+LossKind = Literal["mlot", "uld", "mined"]
+MlotPresetName = Literal["default", "paper", "official"]
+Placement = Literal["shard", "offload", "replicate"]
+TeacherSource = Literal["live", "cache"]
+BestMetric = Literal["eval/bits_per_byte", "eval/rouge_lsum", "eval/f1", "eval/exact_match"]
+GENERIC_FIELDS = ("prompt", "response", "references")
 
 
 @dataclass
 class TemplateConfig:
-    kind: str = "plain"
+    kind: Literal["plain", "chat"] = "plain"
     """``plain`` renders ``prompt + "\\n"``; ``chat`` uses the tokenizer's chat template."""
     system: str | None = None
-    """System message for ``chat`` templates."""
-    few_shot: int = 0
+    """System message; ``chat`` templates only."""
+    few_shot: NonNegativeInt = 0
     """Number of training examples shown before the prompt (taken from the head of the train set)."""
 
 
@@ -54,7 +99,7 @@ class StudentConfig:
     tokenizer: str | None = None
     """Tokenizer folder; defaults to ``model``."""
     template: TemplateConfig = field(default_factory=TemplateConfig)
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """``auto`` = bfloat16 on an accelerator that supports it, float32 on the CPU."""
     trust_remote_code: bool = False
     """Run model code shipped in the checkpoint folder. Off unless you trust the folder."""
@@ -66,15 +111,16 @@ class StudentConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "mlot"
+    kind: LossKind = "mlot"
     """``mlot`` (MultiLevelOT), ``uld`` or ``mined``."""
-    preset: str = "default"
+    preset: MlotPresetName = "default"
     """MultiLevelOT preset: ``default``, ``paper`` or ``official``."""
     overrides: dict = field(default_factory=dict)
     """Named hyper-parameters of the loss, e.g. ``{k: 50, tau_sd: 2.0, ranking: token}``."""
     weights: dict = field(default_factory=dict)
     """Multipliers of the loss's terms, replacing the preset's: ``had``, ``sl``, ``sd`` (mlot),
-    ``uld`` (default 1.5) or ``mined`` (default 1.0); unnamed terms keep their defaults, 0 drops one."""
+    ``uld`` (default 1.5) or ``mined`` (default 1.0); unnamed terms keep their defaults, 0 drops one.
+    Each a finite number >= 0."""
 
 
 @dataclass
@@ -84,16 +130,16 @@ class TeacherConfig:
     model: str = ""
     tokenizer: str | None = None
     template: TemplateConfig = field(default_factory=TemplateConfig)
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     trust_remote_code: bool = False
     append_eos: bool = False
-    pairing: str = "offsets"
+    pairing: PairingRule = "offsets"
     loss: LossConfig = field(default_factory=LossConfig)
-    weight: float = 1.0
-    """Static weight (``weighting.mode: static``) or prior (``dynamic``)."""
-    placement: str = "shard"
+    weight: NonNegativeFloat = 1.0
+    """Static weight (``weighting.mode: static``) or prior (``dynamic``); 0 leaves the teacher out."""
+    placement: Placement = "shard"
     """``shard`` (ZeRO-3), ``offload`` (ZeRO-3, parameters on CPU) or ``replicate`` (full copy per rank)."""
-    source: str = "live"
+    source: TeacherSource = "live"
     """``live`` runs the teacher; ``cache`` reads what its loss needs from ``cache_dir``, built by
     ``tools/cache_teachers.py`` (the manifest must match this recipe)."""
     cache_dir: str | None = None
@@ -105,30 +151,30 @@ class TeacherConfig:
 
 @dataclass
 class WeightingConfig:
-    mode: str = "static"
+    mode: Literal["static", "dynamic"] = "static"
     """``static``: the teachers' ``weight``; ``dynamic``: softmin of each teacher's gold-response CE."""
     normalize: bool = True
     """Static: divide weights by their sum, so they sum to 1. Off: use them raw."""
-    temperature: float = 1.0
+    temperature: PositiveFloat = 1.0
     """Dynamic: softmin temperature over the teachers' cross-entropies (nats per token)."""
 
 
 @dataclass
 class DataSourceConfig:
-    adapter: str = "dialogsum"
+    adapter: Adapter = "dialogsum"
     path: str = "builtin:dialogsum/train"
     """A file or folder, or ``builtin:dialogsum/<split>`` for the bundled DialogSum sample."""
     fields: dict | None = None
-    """Generic adapter: ``{prompt: col, response: col, references: col}``."""
-    limit: int | None = None
+    """Generic ``jsonl`` adapter only: ``{prompt: col, response: col, references: col}``."""
+    limit: PositiveInt | None = None
 
 
 @dataclass
 class DataConfig:
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
     eval: DataSourceConfig | None = None
-    max_length: int = 512
-    bad_rows: str = "error"
+    max_length: Annotated[int, Range(ge=16)] = 512
+    bad_rows: Literal["error", "skip"] = "error"
     """``error``: stop at the first malformed row (file:line); ``skip``: drop and count it."""
     cache_dir: str | None = None
     """Tokenization cache; defaults to ``<output_dir>/cache``."""
@@ -138,20 +184,20 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = "runs/demo"
     seed: int = 42
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int = 0
+    micro_batch_size: PositiveInt = 4
+    grad_accum: PositiveInt = 1
+    epochs: PositiveInt = 1
+    max_steps: NonNegativeInt = 0
     """Stop after this many optimizer steps (0 = run ``epochs`` epochs)."""
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    ce_weight: float = 1.0
-    log_every: int = 1
-    save_every: int = 0
+    lr: PositiveFloat = 5e-4
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 0
+    grad_clip: NonNegativeFloat = 1.0
+    ce_weight: NonNegativeFloat = 1.0
+    log_every: PositiveInt = 1
+    save_every: NonNegativeInt = 0
     """Checkpoint every N steps (0 = only at the end and on a signal)."""
-    keep_last: int = 2
+    keep_last: PositiveInt = 2
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in output_dir, if any), ``none``, or a checkpoint folder."""
     allow_teacher_change: bool = False
@@ -159,19 +205,19 @@ class TrainConfig:
     """Resuming on a different number of ranks: convert the checkpoint to DeepSpeed's universal format
     (into ``step_N/universal``; the checkpoint's own files are not touched) and load that. Keep
     ``micro_batch_size * grad_accum * ranks`` equal, so the data position carries over."""
-    max_consecutive_skips: int = 5
-    dist_timeout_s: int = 600
+    max_consecutive_skips: PositiveInt = 5
+    dist_timeout_s: PositiveInt = 600
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0
+    every: NonNegativeInt = 0
     """Evaluate every N steps (0 = only at the end)."""
-    limit: int = 64
-    batch_size: int = 8
-    max_new_tokens: int = 64
+    limit: PositiveInt = 64
+    batch_size: PositiveInt = 8
+    max_new_tokens: PositiveInt = 64
     generate: bool = True
-    best_metric: str | None = None
+    best_metric: BestMetric | None = None
     """Keep the checkpoint with the best value of this metric (e.g. ``eval/rouge_lsum``) from the
     periodic evaluations; ``<output_dir>/checkpoints/best`` names it and pruning never removes it.
     ``eval/bits_per_byte`` is minimised, every other metric maximised."""
@@ -181,14 +227,27 @@ class EvalConfig:
 class ExportConfig:
     enabled: bool = True
     dir: str | None = None
-    """Defaults to ``<output_dir>/export``."""
+    """Defaults to ``<output_dir>/export``. Must not be, contain or lie inside the run's other folders."""
 
 
 @dataclass
 class ZooConfig:
-    profile: str = "default"
+    profile: Literal["default", "tiny"] = "default"
     seed: int = 0
     cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every folder a run reads or writes, derived from the recipe in one place."""
+
+    output: Path
+    checkpoints: Path
+    tensorboard: Path
+    predictions: Path
+    data_cache: Path
+    export: Path
+    teacher_caches: dict[str, Path]
 
 
 @dataclass
@@ -206,6 +265,20 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def paths(self) -> RunPaths:
+        output = Path(self.train.output_dir).expanduser()
+        data_cache = Path(self.data.cache_dir).expanduser() if self.data.cache_dir else output / "cache"
+        return RunPaths(
+            output=output,
+            checkpoints=output / "checkpoints",
+            tensorboard=output / "tensorboard",
+            predictions=output / "eval",
+            data_cache=data_cache,
+            export=Path(self.export.dir).expanduser() if self.export.dir else output / "export",
+            teacher_caches={t.name: Path(t.cache_dir).expanduser() if t.cache_dir else data_cache / "teachers" / t.name
+                            for t in self.teachers},
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -214,10 +287,19 @@ class Recipe:
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe (the embedded default when ``path`` is None), apply overrides, validate."""
     source = Path(path) if path is not None else DEFAULT_RECIPE
+    if source.is_dir():
+        raise RecipeError(f"recipe {source}: is a folder; expected a YAML file")
     if not source.is_file():
         raise RecipeError(f"recipe file not found: {source}")
     try:
-        raw = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = source.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{source}:{line}: not UTF-8 text") from None
+    except OSError as exc:
+        raise RecipeError(f"{source}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else str(source)
@@ -239,22 +321,29 @@ def apply_override(raw: dict, override: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise RecipeError(f"override {override!r}: empty key segment")
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {key}: the value {text!r} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
-        node = _child(node, part, ".".join(parts[: depth + 1]), create=True)
+        node = _child(node, part, ".".join(parts[: depth + 1]))
     last = parts[-1]
     if isinstance(node, list):
         node[_list_index(node, last, key)] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        parent = ".".join(parts[:-1])
+        raise RecipeError(f"override {key}: {parent} is a {type(node).__name__} ({node!r}), it has no field {last!r}")
 
 
-def _child(node: Any, part: str, where: str, create: bool) -> Any:
+def _child(node: Any, part: str, where: str) -> Any:
     if isinstance(node, list):
         return node[_list_index(node, part, where)]
     if not isinstance(node, dict):
-        raise RecipeError(f"override {where}: {type(node).__name__} has no field {part!r}")
+        parent = where.rsplit(".", 1)[0]
+        raise RecipeError(f"override {where}: {parent} is a {type(node).__name__} ({node!r}), it has no field {part!r}")
     if part not in node or node[part] is None:
         node[part] = {}
     return node[part]
@@ -276,7 +365,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {type(raw).__name__} {raw!r}")
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
@@ -285,24 +374,33 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             guess = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {guess[0]!r}?" if guess else f"; valid fields: {', '.join(sorted(known))}"
             raise RecipeError(f"{path}: unknown field{hint}")
-        kwargs[key] = _coerce(hints[key], value, path)
+        kwargs[key] = coerce(hints[key], value, path)
     return cls(**kwargs)
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin = get_origin(hint)
-    args = get_args(hint)
-    if origin is not None and type(None) in args:  # Optional[X]
+def coerce(hint: Any, value: Any, where: str) -> Any:
+    """``value`` checked against the type ``hint`` (dataclass, list, dict, Literal, Optional,
+    ``Annotated[..., Range]``, bool, int, float, str); raises :class:`RecipeError` naming ``where``."""
+    constraints: tuple = ()
+    if get_origin(hint) is Annotated:
+        hint, *extra = get_args(hint)
+        constraints = tuple(c for c in extra if isinstance(c, Range))
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is not None and type(None) in args and origin is not Literal:  # Optional[X]
         if value is None:
             return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = get_origin(hint), get_args(hint)
+        rest = [a for a in args if a is not type(None)]
+        return coerce(rest[0], value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise RecipeError(f"{where}: expected one of {', '.join(map(str, args))}; got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -314,17 +412,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        _check_range(value, constraints, where, integer=True)
         return value
     if hint is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; accept what Python reads as a number.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        value = finite_number(value, where)
+        _check_range(value, constraints, where, integer=False)
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise RecipeError(f"{where}: expected a string, got {value!r}")
@@ -332,22 +425,34 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def finite_number(value: Any, where: str) -> float:
+    """A finite float from a YAML number or a numeric string; ``nan``/``inf``/``1e999`` are refused."""
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept what Python reads as a number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{where}: expected a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise RecipeError(f"{where}: expected a finite number; got {value!r}")
+    return value
+
+
+def _check_range(value: float, constraints: tuple, where: str, *, integer: bool) -> None:
+    for bounds in constraints:
+        if not bounds.contains(value):
+            raise RecipeError(f"{where}: expected {bounds.describe(integer)}; got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------
-# Validation: every cross-field rule, before any expensive work
-
-
-def _choice(value: str, options: tuple[str, ...], where: str) -> None:
-    if value not in options:
-        raise RecipeError(f"{where}: expected one of {', '.join(options)}; got {value!r}")
-
-
-def _positive(value: float, where: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise RecipeError(f"{where}: expected a {'non-negative' if allow_zero else 'positive'} number; got {value!r}")
+# Validation: the rules that span several fields, before any expensive work
 
 
 def validate(recipe: Recipe) -> None:
-    """Check ranges and cross-field rules. File paths are checked by the dry run (they may not exist yet)."""
+    """Check cross-field rules. File-system checks belong to the dry run (paths may not exist yet)."""
     if not recipe.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", recipe.name):
         raise RecipeError(f"name: expected letters, digits, '_', '.', '-'; got {recipe.name!r}")
     _validate_model("student", recipe.student)
@@ -364,85 +469,86 @@ def validate(recipe: Recipe) -> None:
         if not teacher.model:
             raise RecipeError(f"{where}.model: expected a model folder or zoo:<member>")
         _validate_model(where, teacher)
-        _choice(teacher.pairing, PAIRINGS, f"{where}.pairing")
-        _choice(teacher.placement, PLACEMENTS, f"{where}.placement")
-        _choice(teacher.source, SOURCES, f"{where}.source")
-        if teacher.source == "cache" and teacher.loss.kind == "mlot" and teacher.loss.preset == "official":
-            raise RecipeError(f"{where}.source: 'cache' cannot hold preset 'official' (it ranks over the whole batch, "
-                              "so nothing per record can be stored); use 'live' or another preset")
-        _choice(teacher.loss.kind, LOSS_KINDS, f"{where}.loss.kind")
-        _choice(teacher.loss.preset, MLOT_PRESETS, f"{where}.loss.preset")
-        if teacher.loss.kind == "mined" and teacher.pairing != "dtw":
-            raise RecipeError(f"{where}.pairing: loss 'mined' needs pairing 'dtw'; got {teacher.pairing!r}")
-        if teacher.loss.kind != "mlot" and teacher.loss.overrides:
-            raise RecipeError(f"{where}.loss.overrides: loss {teacher.loss.kind!r} takes no overrides "
-                              f"(its weight is loss.weights.{teacher.loss.kind})")
-        if teacher.loss.kind == "mlot":
-            try:
-                hparams = resolve_preset(teacher.loss.preset, teacher.loss.overrides)
-            except (TypeError, ValueError) as exc:
-                raise RecipeError(f"{where}.loss.overrides: {exc}") from None
-            if teacher.source == "cache" and hparams.ranking != "sequence":
-                raise RecipeError(f"{where}.loss.overrides.ranking: a cache stores one ranking per record; "
-                                  f"ranking {hparams.ranking!r} needs source 'live'")
-        terms = TERMS if teacher.loss.kind == "mlot" else (teacher.loss.kind,)
-        for term, value in teacher.loss.weights.items():
-            if term not in terms:
-                raise RecipeError(f"{where}.loss.weights.{term}: loss {teacher.loss.kind!r} has the terms "
-                                  f"{', '.join(terms)}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise RecipeError(f"{where}.loss.weights.{term}: expected a non-negative number; got {value!r}")
-        _positive(teacher.weight, f"{where}.weight", allow_zero=True)
-    if recipe.weighting.mode == "static" and sum(t.weight for t in recipe.teachers) <= 0:
-        raise RecipeError("teachers[*].weight: static weights must not all be zero")
-    _choice(recipe.weighting.mode, ("static", "dynamic"), "weighting.mode")
-    _positive(recipe.weighting.temperature, "weighting.temperature")
+        _validate_loss(where, teacher)
+    if sum(t.weight for t in recipe.teachers) <= 0:
+        raise RecipeError(f"teachers[*].weight: the {recipe.weighting.mode} weights (priors) must not all be zero; "
+                          f"give at least one teacher a weight > 0")
 
-    data = recipe.data
-    for split, source in (("train", data.train), ("eval", data.eval)):
+    for split, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         if source is None:
             continue
-        _choice(source.adapter, ADAPTERS, f"data.{split}.adapter")
+        where = f"data.{split}"
         if not source.path:
-            raise RecipeError(f"data.{split}.path: expected a file, folder or builtin:dialogsum/<split>")
-        if source.limit is not None:
-            _positive(source.limit, f"data.{split}.limit")
-    if data.max_length < 16:
-        raise RecipeError(f"data.max_length: expected at least 16 tokens; got {data.max_length}")
-    _choice(data.bad_rows, ("error", "skip"), "data.bad_rows")
+            raise RecipeError(f"{where}.path: expected a file, folder or builtin:dialogsum/<split>")
+        if source.fields is not None:
+            if source.adapter != "jsonl":
+                raise RecipeError(f"{where}.fields: only the generic 'jsonl' adapter takes fields; adapter "
+                                  f"{source.adapter!r} has its own columns")
+            for key, column in source.fields.items():
+                if key not in GENERIC_FIELDS:
+                    raise RecipeError(f"{where}.fields.{key}: unknown key; expected {', '.join(GENERIC_FIELDS)}")
+                if not isinstance(column, str) or not column:
+                    raise RecipeError(f"{where}.fields.{key}: expected a column name; got {column!r}")
 
-    train = recipe.train
-    for name in ("micro_batch_size", "grad_accum", "epochs", "log_every", "keep_last", "dist_timeout_s",
-                 "max_consecutive_skips"):
-        value = getattr(train, name)
-        if value < 1:
-            raise RecipeError(f"train.{name}: expected an integer >= 1; got {value}")
-    for name in ("max_steps", "save_every", "warmup_steps"):
-        _positive(getattr(train, name), f"train.{name}", allow_zero=True)
-    _positive(train.lr, "train.lr")
-    _positive(train.weight_decay, "train.weight_decay", allow_zero=True)
-    _positive(train.grad_clip, "train.grad_clip", allow_zero=True)
-    _positive(train.ce_weight, "train.ce_weight", allow_zero=True)
-    if not train.output_dir:
+    if not recipe.train.output_dir:
         raise RecipeError("train.output_dir: expected a folder")
-    if train.resume not in ("auto", "none") and not train.resume:
+    if not recipe.train.resume:
         raise RecipeError("train.resume: expected auto, none or a checkpoint folder")
-    _positive(recipe.eval.every, "eval.every", allow_zero=True)
-    for name in ("limit", "batch_size", "max_new_tokens"):
-        if getattr(recipe.eval, name) < 1:
-            raise RecipeError(f"eval.{name}: expected an integer >= 1; got {getattr(recipe.eval, name)}")
-    best = recipe.eval.best_metric
-    if best is not None:
-        _choice(best, ("eval/bits_per_byte", "eval/rouge_lsum", "eval/f1", "eval/exact_match"), "eval.best_metric")
-        if not recipe.eval.every:
-            raise RecipeError("eval.best_metric: needs periodic evaluation; set eval.every to a number of steps")
-    _choice(recipe.zoo.profile, ("default", "tiny"), "zoo.profile")
+    if recipe.eval.best_metric is not None and not recipe.eval.every:
+        raise RecipeError("eval.best_metric: needs periodic evaluation; set eval.every to a number of steps")
+    _validate_paths(recipe)
 
 
 def _validate_model(where: str, model: StudentConfig | TeacherConfig) -> None:
     if not model.model:
         raise RecipeError(f"{where}.model: expected a model folder or zoo:<member>")
-    _choice(model.dtype, DTYPES, f"{where}.dtype")
-    _choice(model.template.kind, TEMPLATE_KINDS, f"{where}.template.kind")
-    if model.template.few_shot < 0:
-        raise RecipeError(f"{where}.template.few_shot: expected an integer >= 0; got {model.template.few_shot}")
+    if model.template.system is not None and model.template.kind != "chat":
+        raise RecipeError(f"{where}.template.system: a system message needs template.kind 'chat' (got "
+                          f"{model.template.kind!r}); remove it or use the chat template")
+
+
+def _validate_loss(where: str, teacher: TeacherConfig) -> None:
+    loss = teacher.loss
+    if teacher.source == "cache" and loss.kind == "mlot" and loss.preset == "official":
+        raise RecipeError(f"{where}.source: 'cache' cannot hold preset 'official' (it ranks over the whole batch, "
+                          "so nothing per record can be stored); use 'live' or another preset")
+    if loss.kind == "mined" and teacher.pairing != "dtw":
+        raise RecipeError(f"{where}.pairing: loss 'mined' needs pairing 'dtw'; got {teacher.pairing!r}")
+    if loss.kind != "mlot" and loss.overrides:
+        raise RecipeError(f"{where}.loss.overrides: loss {loss.kind!r} takes no overrides "
+                          f"(its weight is loss.weights.{loss.kind})")
+    if loss.kind == "mlot":
+        try:
+            hparams = resolve_preset(loss.preset, loss.overrides)
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"{where}.loss.overrides: {exc}") from None
+        if teacher.source == "cache" and hparams.ranking != "sequence":
+            raise RecipeError(f"{where}.loss.overrides.ranking: a cache stores one ranking per record; "
+                              f"ranking {hparams.ranking!r} needs source 'live'")
+    terms = TERMS if loss.kind == "mlot" else (loss.kind,)
+    for term, value in loss.weights.items():
+        if term not in terms:
+            raise RecipeError(f"{where}.loss.weights.{term}: loss {loss.kind!r} has the terms {', '.join(terms)}")
+        number = finite_number(value, f"{where}.loss.weights.{term}")
+        if number < 0:
+            raise RecipeError(f"{where}.loss.weights.{term}: expected a non-negative number; got {value!r}")
+
+
+def _validate_paths(recipe: Recipe) -> None:
+    """Derived folders that would clobber each other (pure path logic; the dry run checks the disk)."""
+    from mlot_ds.outputs import OutputError, check_disjoint
+
+    if not recipe.export.enabled:
+        return
+    paths = recipe.paths()
+    export, output = paths.export.resolve(), paths.output.resolve()
+    if export == output or output.is_relative_to(export):
+        raise RecipeError(f"export.dir: {export} is or contains the run folder train.output_dir ({output}); the "
+                          f"export would replace the run's checkpoints and logs: choose a separate folder, e.g. "
+                          f"{output / 'export'}")
+    protected = {"the run's checkpoints": paths.checkpoints, "the run's TensorBoard logs": paths.tensorboard,
+                 "the run's predictions": paths.predictions, "the data cache (data.cache_dir)": paths.data_cache}
+    try:
+        check_disjoint(paths.export, protected, "export.dir")
+    except OutputError as exc:
+        raise RecipeError(str(exc)) from None

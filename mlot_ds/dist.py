@@ -106,7 +106,11 @@ def _free_port() -> int:
 
 
 def rank() -> int:
-    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+    """This process's rank; before the process group starts, the launcher's ``RANK`` (so that an
+    error found before start-up is still printed by one process only)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def world_size() -> int:

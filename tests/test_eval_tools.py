@@ -111,7 +111,7 @@ def test_teacher_responses_round_trip_through_the_jsonl_adapter_and_a_recipe(tin
                                                     "--out", out], tiny_zoo, tmp_path, "gen")
     assert result.returncode == 0, result.log_text[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows and all(set(row) == {"prompt", "response", "references"} for row in rows)
+    assert rows and all(set(row) == {"prompt", "response", "references", "written_by"} for row in rows)
 
     from mlot_ds.config import load_recipe
     from mlot_ds.data import load_records

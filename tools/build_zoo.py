@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make-corpus", action="store_true", help="re-sample the bundled DialogSum corpus")
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="folder of the real DialogSum files")
-    parser.add_argument("--profile", default="default", help="zoo profile: default | tiny")
+    parser.add_argument("--profile", default="default", choices=("default", "tiny"), help="zoo profile")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $MLOT_DS_CACHE or ~/.cache/mlot_ds")
     parser.add_argument("--workers", type=int, default=None, help="members built at once (default: one per CPU)")
@@ -67,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         make_corpus(args.source, corpus_dir())
         return 0
 
+    from mlot_ds.errors import BadInput
     from mlot_ds.zoo import ZooSettings, build_zoo, zoo_report_path
 
     settings = ZooSettings(profile=args.profile, seed=args.seed)
-    members = build_zoo(settings, cache_dir=args.cache_dir, progress=not args.no_progress, workers=args.workers)
+    try:
+        members = build_zoo(settings, cache_dir=args.cache_dir, progress=not args.no_progress, workers=args.workers)
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     report_file = zoo_report_path(settings, args.cache_dir)
     report = json.loads(report_file.read_text())
     print(f"{'member':<14} {'architecture':<18} {'tokenizer':<18} {'vocab tok/model':>15} {'params':>9} {'bpb':>7} {'build s':>8}")

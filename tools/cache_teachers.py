@@ -97,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mlot_ds import dist
     from mlot_ds.config import RecipeError, load_recipe
-    from mlot_ds.data import DataError
-    from mlot_ds.engine.ds_config import DeepSpeedConfigError, read_ds_config, student_ds_config
-    from mlot_ds.teachers.loading import ModelLoadError
+    from mlot_ds.engine.ds_config import read_ds_config, student_ds_config
+    from mlot_ds.errors import BadInput
 
     dist.map_slurm_environment()
-    bad_input = (RecipeError, DeepSpeedConfigError, ModelLoadError, FileNotFoundError, DataError)
+    bad_input = BadInput
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         ds_template = read_ds_config(args.config)
@@ -123,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     from mlot_ds.teachers import cache
     from mlot_ds.teachers.pool import TeacherPool
 
+    from mlot_ds.engine.trainer import quiet_deepspeed_deprecations
+
+    quiet_deepspeed_deprecations()
     dist.init(recipe.train.dist_timeout_s)
     started = time.time()
     try:

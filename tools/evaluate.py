@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
+WRITTEN_BY = "mlot-ds tools/evaluate.py"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,12 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
             return 2
-    from mlot_ds.eval.report import EvaluateInputError, load_data, load_model
+    from mlot_ds import outputs
+    from mlot_ds.errors import BadInput
+    from mlot_ds.eval.report import load_data, load_model
 
     try:
-        loaded = load_model(Path(args.model).expanduser(), args.device)
+        if args.out:  # before the model is loaded: a refused path costs nothing
+            outputs.check_file(args.out, "--out", outputs.json_written_by(WRITTEN_BY), "report")
         records = load_data(args.adapter, args.path, args.limit)
-    except EvaluateInputError as exc:
+        loaded = load_model(Path(args.model).expanduser(), args.device)
+    except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     load_seconds = time.perf_counter() - started
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = {
+        "written_by": WRITTEN_BY,
         "model": str(Path(args.model).resolve()),
         "source": loaded["source"],
         "adapter": args.adapter,
@@ -102,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:<20} {value:.4f}")
     print(f"{len(records)} records in {report['timings']['total_s']:.1f} s")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        out = outputs.write_text(args.out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"report: {out.resolve()}")
     return 0
 

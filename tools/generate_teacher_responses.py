@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+WRITTEN_BY = "mlot-ds tools/generate_teacher_responses.py"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
+    from mlot_ds import outputs
     from mlot_ds.data import Template, prompt_token_ids
+    from mlot_ds.errors import BadInput
     from mlot_ds.eval import greedy_generate
-    from mlot_ds.eval.report import EvaluateInputError, load_data, load_model
+    from mlot_ds.eval.report import load_data, load_model
 
     started = time.perf_counter()
     folder = Path(args.model).expanduser()
@@ -50,31 +52,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model {folder}: not a Hugging Face model folder (no config.json)", file=sys.stderr)
         return 2
     try:
-        loaded = load_model(folder, args.device)
+        out = outputs.check_file(args.out, "--out", outputs.jsonl_written_by(WRITTEN_BY), "generated dataset")
         records = load_data(args.adapter, args.path, args.limit)
+        loaded = load_model(folder, args.device)
         template = Template(kind=args.template)
         prompt_ids = [prompt_token_ids(template, loaded["tokenizer"], r.prompt, model=str(folder)) for r in records]
-    except (EvaluateInputError, ValueError) as exc:
+    except (BadInput, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     responses = greedy_generate(loaded["model"], loaded["tokenizer"], prompt_ids, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, device=args.device,
                                 max_length=args.max_length or loaded["max_length"], progress=True,
                                 description=f"generate ({folder.name})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    written = empty = 0
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record, response in zip(records, responses):
-            if not response:
-                empty += 1
-                continue
-            row = {"prompt": record.prompt, "response": response,
-                   "references": list(record.references or (record.response,))}
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            written += 1
-    os.replace(tmp, out)
+    lines, empty = [], 0
+    for record, response in zip(records, responses):
+        if not response:
+            empty += 1
+            continue
+        row = {"prompt": record.prompt, "response": response,
+               "references": list(record.references or (record.response,)), "written_by": WRITTEN_BY}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    written = len(lines)
+    outputs.write_text(out, "".join(lines))
     print(f"wrote {written} records to {out.resolve()}" + (f" ({empty} empty generations left out)" if empty else "")
           + f" in {time.perf_counter() - started:.1f} s")
     return 0 if written else 1

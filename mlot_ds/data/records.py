@@ -171,14 +171,14 @@ def load_records(
         limit: stop after this many kept records.
     """
     if adapter not in _ADAPTER_FUNCTIONS:
-        raise ValueError(f"unknown adapter {adapter!r}; expected one of {', '.join(ADAPTERS)}")
+        raise DataError(f"unknown adapter {adapter!r}; expected one of {', '.join(ADAPTERS)}")
     if bad_rows not in BAD_ROW_POLICIES:
-        raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
+        raise DataError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
     if fields is not None and adapter != "jsonl":
-        raise ValueError(f"fields= is only for the generic 'jsonl' adapter, not {adapter!r}")
+        raise DataError(f"fields= is only for the generic 'jsonl' adapter, not {adapter!r}")
     unknown = set(fields or {}) - {"prompt", "response", "references"}
     if unknown:
-        raise ValueError(f"fields has unknown keys {sorted(unknown)}; expected prompt, response, references")
+        raise DataError(f"fields has unknown keys {sorted(unknown)}; expected prompt, response, references")
     column_names = {"prompt": "prompt", "response": "response", "references": "references"}
     column_names.update(fields or {})
     column_names["references_required"] = "references" in (fields or {})

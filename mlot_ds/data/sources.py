@@ -14,12 +14,19 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from mlot_ds.errors import BadInput
 
-class DataError(ValueError):
+# What a damaged or truncated gzip file raises while it is read.
+_COMPRESSION_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+class DataError(BadInput, ValueError):
     """A data file or row that does not have the expected shape; the message names where."""
 
 
@@ -43,8 +50,38 @@ def _suffixes(path: Path) -> list[str]:
     return suffixes[:-1] if suffixes and suffixes[-1] == ".gz" else suffixes
 
 
+@contextmanager
 def _open_bytes(path: Path):
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+    """The file's bytes (decompressed for ``.gz``); a damaged file or one that cannot be read is a
+    :class:`DataError` naming it (and the line reached, for a gzip file cut short)."""
+    lines_read = [0]
+    try:
+        handle = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        with handle:
+            yield _CountingReader(handle, lines_read)
+    except _COMPRESSION_ERRORS as error:
+        reason = "is cut short" if isinstance(error, EOFError) else "is not a valid gzip file"
+        raise DataError(f"{path}:{lines_read[0] + 1}: {reason} ({error})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a data file") from None
+
+
+class _CountingReader:
+    """A binary file whose line iteration counts the lines handed out (for error messages)."""
+
+    def __init__(self, handle, counter: list[int]):
+        self._handle, self._counter = handle, counter
+
+    def __iter__(self):
+        for line in self._handle:
+            yield line
+            self._counter[0] += 1
+
+    def read(self, *args):
+        return self._handle.read(*args)
 
 
 def iter_rows(path: str | Path) -> Iterator[Row | BadRow]:

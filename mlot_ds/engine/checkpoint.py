@@ -30,16 +30,66 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlot_ds import dist
+from mlot_ds import dist, outputs
+from mlot_ds.errors import BadInput
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 UNIVERSAL = "universal"
 BEST = "best"
+EXPORT_KIND = "export"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used. The message names its folder."""
+class CheckpointError(BadInput, RuntimeError):
+    """A checkpoint cannot be used. The message names its folder (or the damaged file)."""
+
+
+def read_json(folder: Path, name: str) -> dict:
+    """One of our JSON files of a checkpoint; a damaged one is a :class:`CheckpointError` that names
+    it and the earlier checkpoint to resume from instead (the files themselves are left as they are)."""
+    path = folder / name
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: not a complete checkpoint (no {name})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged or truncated ({exc}); {_earlier_hint(folder)}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: damaged (expected a JSON object, got {type(value).__name__}); "
+                              f"{_earlier_hint(folder)}")
+    return value
+
+
+def _earlier_hint(folder: Path) -> str:
+    """How to go on without ``folder``: the newest complete checkpoint before it, if there is one."""
+    earlier = [p for p in sorted(folder.parent.glob("step_*")) if (p / COMPLETE).is_file() and p.name < folder.name]
+    if earlier:
+        return f"nothing was changed; resume from the previous checkpoint with --resume {earlier[-1]}"
+    return "nothing was changed; start a fresh run with train.resume=none and a new train.output_dir"
+
+
+def step_of(folder: Path) -> int:
+    """The global step in a ``step_N`` folder name."""
+    return int(folder.name.split("_", 1)[1])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Every complete ``step_N`` checkpoint under ``root``, oldest first."""
+    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+
+
+def check_nothing_overwritten(root: Path, start_step: int, resuming: bool) -> None:
+    """Refuse a run that would later save over a complete checkpoint it did not write.
+
+    A fresh run (``resuming=False``) into a folder with checkpoints, or a resume from an earlier
+    checkpoint while later ones exist, would replace (and then prune) them.
+    """
+    later = [p for p in complete_checkpoints(root) if not resuming or step_of(p) > start_step]
+    if later:
+        what = "holds checkpoints of an earlier run" if not resuming else \
+            f"holds checkpoints after step {start_step}, the one this run resumes from"
+        raise CheckpointError(f"{root} {what} ({', '.join(p.name for p in later[-3:])}); this run would overwrite "
+                              f"them: use another train.output_dir, or resume from the newest with train.resume=auto")
 
 
 def tag_for(step: int) -> str:
@@ -77,6 +127,8 @@ def save(engine, root: Path, step: int, trainer_state: dict, recipe_yaml: str, m
     tag = tag_for(step)
     folder = root / tag
     if dist.is_rank0() and folder.exists():
+        if (folder / COMPLETE).is_file():  # checked at setup; never replace a complete checkpoint
+            raise CheckpointError(f"{folder}: a complete checkpoint is already there; refusing to overwrite it")
         shutil.rmtree(folder)  # an incomplete leftover of a crashed save of the same step
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True, save_latest=False)
@@ -147,20 +199,22 @@ def check_manifest(saved: dict, current: dict, folder: Path, allow_change: bool)
 
 def saved_world_size(folder: Path) -> int | None:
     """The number of ranks that wrote the checkpoint ``folder`` (``None`` if it does not say)."""
-    state_file = folder / "trainer_state.json"
-    if not state_file.is_file():
+    if not (folder / "trainer_state.json").is_file():
         return None
-    return json.loads(state_file.read_text()).get("world_size")
+    return read_json(folder, "trainer_state.json").get("world_size")
 
 
 def check_compatible(folder: Path, manifest: dict, allow_teacher_change: bool, world_size: int,
                      steps_per_epoch: int, reshard: bool = False) -> None:
     """Everything that can be checked before DeepSpeed touches the checkpoint, with clear errors."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder (train.resume names a step_N folder of a run)")
     for name in (COMPLETE, "trainer_state.json", "teachers.json"):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder}: not a complete checkpoint (no {name})")
-    check_manifest(json.loads((folder / "teachers.json").read_text()), manifest, folder, allow_teacher_change)
-    state = json.loads((folder / "trainer_state.json").read_text())
+    check_manifest(read_json(folder, "teachers.json"), manifest, folder, allow_teacher_change)
+    state = read_json(folder, "trainer_state.json")
+    _check_rng_files(folder, int(state.get("world_size", world_size)))
     saved_world = state.get("world_size", world_size)
     if saved_world != world_size and not reshard:
         raise CheckpointError(
@@ -178,6 +232,16 @@ def check_compatible(folder: Path, manifest: dict, allow_teacher_change: bool, w
             f"{folder}: saved with {state['steps_per_epoch']} steps per epoch, this run has {steps_per_epoch} "
             f"(different data or batch size): the data position cannot be restored{hint}"
         )
+
+
+def _check_rng_files(folder: Path, saved_world: int) -> None:
+    """Every rank's RNG file is a whole torch zip (a truncated one would fail only at load)."""
+    import zipfile
+
+    for rank_index in range(saved_world):
+        path = folder / f"rng_rank{rank_index}.pt"
+        if path.is_file() and not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: damaged or truncated (not a readable torch file); {_earlier_hint(folder)}")
 
 
 def universal_copy(folder: Path) -> Path:
@@ -238,15 +302,30 @@ def load(engine, folder: Path) -> dict:
         raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint files there")
     rng_file = folder / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((folder / "trainer_state.json").read_text())
+        try:
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        except (OSError, RuntimeError, EOFError, ValueError) as exc:
+            raise CheckpointError(f"{rng_file}: damaged or truncated ({type(exc).__name__}); "
+                                  f"{_earlier_hint(folder)}") from None
+    return read_json(folder, "trainer_state.json")
 
 
 def export_hf(engine, tokenizer, out_dir: Path) -> Path:
-    """Collective: gather the ZeRO-3 shards and write a Hugging Face folder (safetensors) on rank 0."""
+    """Collective: gather the ZeRO-3 shards and write a Hugging Face folder (safetensors) on rank 0.
+
+    ``out_dir`` is replaced only if it is absent, empty, or an earlier export (see :mod:`mlot_ds.outputs`).
+    """
     import deepspeed
 
     module = engine.module
+    failure = None
+    if dist.is_rank0():
+        try:
+            outputs.check_folder(out_dir, EXPORT_KIND, "export.dir")
+        except outputs.OutputError as exc:
+            failure = exc
+    if dist.any_rank(failure is not None):  # every rank stops before the gathers, none half-way
+        raise failure or CheckpointError(f"{out_dir}: the export target was refused on rank 0")
     state = {}
     for name, parameter in module.named_parameters():
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
@@ -256,11 +335,63 @@ def export_hf(engine, tokenizer, out_dir: Path) -> Path:
         if dist.is_rank0():
             state[name] = buffer.detach().to("cpu").clone()
     if dist.is_rank0():
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        def fill(staging: Path) -> None:
+            module.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+
+        outputs.replace_folder(out_dir, EXPORT_KIND, fill, "export.dir")
     dist.barrier()
     return out_dir
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """``path`` itself when it is a complete ``step_N`` checkpoint, else the newest one inside it."""
+    if (path / COMPLETE).is_file():
+        return path
+    latest = find_latest(path) if path.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"{path}: not a complete checkpoint folder, and no complete checkpoint inside it")
+    return latest
+
+
+def consolidate(folder: Path):
+    """The student of a checkpoint as a plain Hugging Face model on the CPU, with its tokenizer and recipe.
+
+    The ZeRO-3 shards are merged in memory (DeepSpeed's ``zero_to_fp32``); the student's config and
+    tokenizer come from the base folder its recipe names. Used by ``tools/export_hf.py`` and
+    ``tools/evaluate.py``. Returns ``(model, tokenizer, recipe)``.
+    """
+    from mlot_ds.config import RecipeError, load_recipe
+    from mlot_ds.engine.resolve import model_path
+
+    folder = resolve_checkpoint(Path(folder))
+    try:
+        recipe = load_recipe(folder / "recipe.yaml")
+        student_dir = model_path(recipe.student.model, recipe, "student.model")
+        tokenizer_dir = model_path(recipe.student.tokenizer or recipe.student.model, recipe, "student.tokenizer")
+    except RecipeError as exc:
+        raise CheckpointError(f"{folder / 'recipe.yaml'}: {exc}") from None
+    if not (student_dir / "config.json").is_file():
+        raise CheckpointError(f"{folder}: the student's base folder {student_dir} (named by its recipe) is missing; "
+                              f"its config and tokenizer are needed")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    except Exception as exc:  # a damaged shard surfaces as torch's zip errors, KeyError, ValueError...
+        raise CheckpointError(f"{folder}: cannot read its ZeRO-3 shards ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); {_earlier_hint(folder)}") from None
+    trust = recipe.student.trust_remote_code
+    config = AutoConfig.from_pretrained(student_dir, local_files_only=True, trust_remote_code=trust)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: checkpoint does not match the student architecture "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    return model.eval(), tokenizer, recipe

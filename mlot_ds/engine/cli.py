@@ -48,17 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.dry_run:
         install_stop_handlers()  # idempotent; launch/train.py already did it before importing torch
-    from mlot_ds.config import RecipeError, load_recipe
-    from mlot_ds.engine.ds_config import DeepSpeedConfigError, read_ds_config, student_ds_config
+    from mlot_ds.config import load_recipe
+    from mlot_ds.engine.ds_config import read_ds_config, student_ds_config
     from mlot_ds.engine.setup import prepare_inputs
-    from mlot_ds.teachers.loading import ModelLoadError
+    from mlot_ds.errors import BAD_INPUT_EXIT_CODE, BadInput
 
     dist.map_slurm_environment()
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    from mlot_ds.data import DataError
-    from mlot_ds.engine.checkpoint import CheckpointError
-
-    bad_input = (RecipeError, DeepSpeedConfigError, ModelLoadError, FileNotFoundError, DataError, CheckpointError)
     try:
         recipe = load_recipe(args.recipe, overrides)
         ds_template = read_ds_config(args.config)
@@ -68,15 +64,17 @@ def main(argv: list[str] | None = None) -> int:
             inputs = prepare_inputs(recipe, check_only=True)
             student_ds_config(ds_template, recipe, int(os.environ.get("WORLD_SIZE", "1")), 1, torch.device("cpu"),
                               source=args.config)
-            print(f"dry run OK: recipe {args.recipe or 'embedded demo'}, DeepSpeed config {args.config}, "
+            dist.print0(f"dry run OK: recipe {args.recipe or 'embedded demo'}, DeepSpeed config {args.config}, "
                   f"student {inputs.student.model}, teachers {', '.join(t.name for t in recipe.teachers)}")
             return 0
-    except bad_input as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except BadInput as exc:
+        if dist.is_rank0():  # every rank found the same problem; one line is enough
+            print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT_EXIT_CODE
 
-    from mlot_ds.engine.trainer import NonFiniteLossError, Trainer
+    from mlot_ds.engine.trainer import NonFiniteLossError, Trainer, quiet_deepspeed_deprecations
 
+    quiet_deepspeed_deprecations()
     dist.init(recipe.train.dist_timeout_s)
 
     started = time.time()
@@ -84,21 +82,24 @@ def main(argv: list[str] | None = None) -> int:
         inputs = prepare_inputs(recipe)
         trainer = Trainer(recipe, ds_template, args.config, inputs)
         trainer.setup()
-    except bad_input as exc:
+    except BadInput as exc:
         dist.fail(str(exc))
     if dist.any_rank(STOP_REQUEST["signal"] is not None) and trainer.global_step == 0:
         dist.print0(f"stopped by signal during setup; nothing to save, exiting with status {REQUEUE_EXIT_CODE}")
         return REQUEUE_EXIT_CODE
     try:
         trainer.train()
+        trainer.save()
+        results = inputs.evaluate(trainer) if inputs.eval_records else {}
+        if results:
+            trainer.log.scalars(trainer.global_step, results)
+        export_dir = trainer.export() if recipe.export.enabled else None
     except NonFiniteLossError as exc:
         trainer.cleanup()
         dist.fail(str(exc), code=1)
-    trainer.save()
-    results = inputs.evaluate(trainer) if inputs.eval_records else {}
-    if results:
-        trainer.log.scalars(trainer.global_step, results)
-    export_dir = trainer.export() if recipe.export.enabled else None
+    except BadInput as exc:
+        trainer.cleanup()
+        dist.fail(str(exc))
     trainer.cleanup()
     out = Path(recipe.train.output_dir).resolve()
     dist.print0(_summary(out, export_dir, results, time.time() - started))

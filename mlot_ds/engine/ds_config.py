@@ -14,31 +14,83 @@ from typing import Any
 import torch
 
 from mlot_ds.config import Recipe
+from mlot_ds.errors import BadInput
+
+# Sections the template may hold, each a JSON object when present.
+_OBJECT_SECTIONS = ("zero_optimization", "optimizer", "scheduler", "bf16", "fp16", "checkpoint")
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(BadInput, ValueError):
     """The DeepSpeed JSON is unreadable or disagrees with the recipe."""
 
 
 def read_ds_config(path: str | Path) -> dict:
+    """Read and check the DeepSpeed template: JSON, ZeRO stage 3, an optimizer and a scheduler
+    DeepSpeed knows. Every problem is one :class:`DeepSpeedConfigError` naming the file and key."""
     source = Path(path)
+    if source.is_dir():
+        raise DeepSpeedConfigError(f"DeepSpeed config {source} is a folder; expected a JSON file")
     if not source.is_file():
         raise DeepSpeedConfigError(f"DeepSpeed config not found: {source}")
+    raw = source.read_bytes()
     try:
-        config = json.loads(source.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DeepSpeedConfigError(f"{source}:{line}: not UTF-8 text") from None
+    try:
+        config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DeepSpeedConfigError(f"{source}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(config, dict):
         raise DeepSpeedConfigError(f"{source}: expected a JSON object at the top level")
+    for section in _OBJECT_SECTIONS:
+        if section in config and not isinstance(config[section], dict):
+            raise DeepSpeedConfigError(f"{source}: {section} must be a JSON object; got {type(config[section]).__name__} "
+                                       f"{config[section]!r}")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage != 3:
         raise DeepSpeedConfigError(
-            f"{source}: zero_optimization.stage must be 3 (student and teachers are sharded); got {stage}"
+            f"{source}: zero_optimization.stage must be 3 (student and teachers are sharded); got {stage!r}"
         )
     for key in ("fp16",):
         if config.get(key, {}).get("enabled") is True:
             raise DeepSpeedConfigError(f"{source}: {key}.enabled is not supported; use bf16 (or fp32)")
+    _check_optimizer_and_scheduler(config, source)
     return config
+
+
+def _check_optimizer_and_scheduler(config: dict, source: Path) -> None:
+    """The optimizer and scheduler types must be ones DeepSpeed builds (its own, or torch's by name)."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    for section in ("optimizer", "scheduler"):
+        if section in config and not isinstance(config[section].get("params", {}), dict):
+            raise DeepSpeedConfigError(f"{source}: {section}.params must be a JSON object")
+    optimizer = config.get("optimizer")
+    if optimizer is not None:
+        name = optimizer.get("type")
+        torch_class = getattr(torch.optim, name, None) if isinstance(name, str) else None
+        if not isinstance(name, str) or (name.lower() not in DEEPSPEED_OPTIMIZERS and torch_class is None):
+            raise DeepSpeedConfigError(
+                f"{source}: optimizer.type {name!r} is not an optimizer DeepSpeed can build; expected one of "
+                f"{', '.join(sorted(DEEPSPEED_OPTIMIZERS))} or a torch.optim class name (e.g. SGD)")
+        untested = torch_class is not None and name.lower() not in DEEPSPEED_OPTIMIZERS and not any(
+            isinstance(torch_class, type) and issubclass(torch_class, supported) for supported in ZERO_SUPPORTED_OPTIMIZERS)
+        if untested and not config.get("zero_allow_untested_optimizer", False):
+            raise DeepSpeedConfigError(
+                f"{source}: optimizer.type {name!r} is not tested with ZeRO by DeepSpeed; set "
+                f"\"zero_allow_untested_optimizer\": true to use it anyway, or use AdamW")
+    scheduler = config.get("scheduler")
+    if scheduler is not None:
+        name = scheduler.get("type")
+        known = isinstance(name, str) and (hasattr(lr_schedules, name) or hasattr(torch.optim.lr_scheduler, name))
+        if not known:
+            raise DeepSpeedConfigError(
+                f"{source}: scheduler.type {name!r} is not a scheduler DeepSpeed knows; expected one of "
+                f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)} or a torch.optim.lr_scheduler class name")
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mlot_ds import dist
 from mlot_ds.config import Recipe, RecipeError
-from mlot_ds.engine import resolve
+from mlot_ds.engine import preflight, resolve
 from mlot_ds.engine.checkpoint import folder_hash
 from mlot_ds.teachers.loading import check_model_folder, embedding_rows
 
@@ -47,12 +47,23 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
 
     train_path = resolve.data_path(recipe.data.train, "data.train")
     eval_path = resolve.data_path(recipe.data.eval, "data.eval") if recipe.data.eval is not None else None
-    if check_only:
-        student, teachers = _resolve_without_building(recipe)
-        _check_teacher_caches_exist(recipe)
-    else:
+    preflight.check_run_paths(recipe)
+    student, teachers = _resolve_without_building(recipe)
+    preflight.check_model_files(recipe, student, teachers)
+    records = load_records(recipe.data.train.adapter, train_path, fields=recipe.data.train.fields,
+                           bad_rows=recipe.data.bad_rows, limit=recipe.data.train.limit)
+    if not records.records:
+        raise RecipeError(f"data.train: no usable records in {train_path} (dropped: {dict(records.dropped)})")
+    _check_few_shot(recipe, len(records.records))
+    eval_records = []
+    if eval_path is not None:
+        eval_records = load_records(recipe.data.eval.adapter, eval_path, fields=recipe.data.eval.fields,
+                                    bad_rows=recipe.data.bad_rows, limit=recipe.data.eval.limit).records
+        if not eval_records:
+            raise RecipeError(f"data.eval: no usable records in {eval_path}; fix the file or its adapter, or set "
+                              f"data.eval=null to train without evaluating")
+    if not check_only:
         dist.rank0_then_barrier(lambda: resolve.build_zoo_if_needed(recipe, progress=progress))
-        student, teachers = resolve.resolve_models(recipe)
 
     def tokenizer_for(resolved: resolve.ResolvedModel, trust: bool):
         check_model_folder(resolved.model, f"{resolved.where}.model")
@@ -85,15 +96,6 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
                 f"{side.model_vocab_size} embedding rows; tokenizer and model do not match"
             )
 
-    records = load_records(recipe.data.train.adapter, train_path, fields=recipe.data.train.fields,
-                           bad_rows=recipe.data.bad_rows, limit=recipe.data.train.limit)
-    if not records.records:
-        raise RecipeError(f"data.train: no usable records in {train_path} (dropped: {dict(records.dropped)})")
-    eval_records = []
-    if eval_path is not None:
-        eval_records = load_records(recipe.data.eval.adapter, eval_path, fields=recipe.data.eval.fields,
-                                    bad_rows=recipe.data.bad_rows, limit=recipe.data.eval.limit).records
-
     manifest = {"teachers": [
         {"name": t.name, "model": str(r.model), "tokenizer_hash": folder_hash(r.tokenizer), "weight": t.weight,
          "loss": {"kind": t.loss.kind, "preset": t.loss.preset, "overrides": dict(t.loss.overrides),
@@ -105,7 +107,7 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
     if check_only:
         return inputs
 
-    cache_dir = Path(recipe.data.cache_dir or Path(recipe.train.output_dir) / "cache")
+    cache_dir = recipe.paths().data_cache
 
     def build_data(show: bool):
         return DistillationData(records, student_side, teacher_sides, max_length=recipe.data.max_length,
@@ -133,12 +135,11 @@ def _resolve_without_building(recipe: Recipe):
     return student, teachers
 
 
-def _check_teacher_caches_exist(recipe: Recipe) -> None:
-    """A dry run checks that every ``source: cache`` teacher has a built cache (the real run also
-    verifies its manifest against the recipe, which needs the tokenized data)."""
-    from mlot_ds.teachers.cache import MANIFEST, cache_folder
-
-    for index, teacher in enumerate(recipe.teachers):
-        if teacher.source == "cache" and not (cache_folder(recipe, index) / MANIFEST).is_file():
-            raise RecipeError(f"teachers[{index}].source: 'cache' but {cache_folder(recipe, index) / MANIFEST} does not "
-                              f"exist; build it with tools/cache_teachers.py --recipe <this recipe>")
+def _check_few_shot(recipe: Recipe, num_records: int) -> None:
+    """Few-shot examples come from the head of the training data; some must be left to train on."""
+    models = [("student", recipe.student)] + [(f"teachers[{i}]", t) for i, t in enumerate(recipe.teachers)]
+    where, config = max(models, key=lambda item: item[1].template.few_shot)
+    if config.template.few_shot and config.template.few_shot >= num_records:
+        raise RecipeError(f"{where}.template.few_shot: {config.template.few_shot} examples are taken from the head of "
+                          f"data.train, which has only {num_records} records (none would be left to train on); "
+                          f"lower few_shot or add data")

@@ -18,6 +18,7 @@ is therefore the same whatever the world size or accumulation split.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,6 +40,13 @@ from mlot_ds.teachers.pool import TeacherPool
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def quiet_deepspeed_deprecations() -> None:
+    """Hide the two FutureWarnings DeepSpeed's ZeRO-3 triggers on every step by calling torch APIs that
+    torch has deprecated; exactly those messages, nothing else."""
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated", category=FutureWarning)
 
 
 class Trainer:
@@ -107,10 +115,9 @@ class Trainer:
                              _flat_hparams(recipe))
 
     def _resume_folder(self) -> Path | None:
-        mode = self.recipe.train.resume
-        if mode == "none":
-            return None
-        return checkpoint.find_latest(self.checkpoint_dir) if mode == "auto" else Path(mode)
+        from mlot_ds.engine.preflight import resume_folder
+
+        return resume_folder(self.recipe)
 
     def _resume(self) -> None:
         folder = self.resume_folder
@@ -199,22 +206,29 @@ class Trainer:
             totals["train/ce"] += ce.detach().float()
             if dist.any_rank(not bool(torch.isfinite(loss.detach()))):
                 skipped = True
-                # Zero gradient that still walks the whole graph, so every rank runs the same
-                # backward collectives; the update itself is suppressed below.
-                loss = student_logits.sum() * 0.0
+                loss = self._skipping_loss(student_logits)
             # Every rank must hold the same metric keys (they are all-reduced as one vector).
             totals["train/loss"] += 0.0 if skipped else loss.detach().float()
             self.student.backward(loss * scale)
-            if skipped and self.student.is_gradient_accumulation_boundary():
-                self._suppress_update()
             # DeepSpeed counts micro-steps in step(); it updates only at the accumulation boundary.
             self.student.step()
+        if skipped:
+            self._count_skip()
         return self._step_metrics(totals, counts, weights, skipped, lr)
 
-    def _suppress_update(self) -> None:
-        """Skip a step on every rank: lr 0 for this update (the scheduler sets the next lr itself)."""
-        for group in self.student.optimizer.param_groups:
-            group["lr"] = 0.0
+    @staticmethod
+    def _skipping_loss(student_logits: torch.Tensor) -> torch.Tensor:
+        """A loss whose gradient is NaN everywhere, walking the whole graph.
+
+        Every rank runs the same backward collectives, and ZeRO-3's own check of the global
+        gradient norm (all-reduced, so every rank sees it) then skips the optimizer update on
+        every rank: parameters, optimizer moments and the lr schedule stay as they were, with or
+        without a scheduler in the DeepSpeed JSON.
+        """
+        return student_logits.sum() * float("nan")
+
+    def _count_skip(self) -> None:
+        """Count a skipped step; abort after ``train.max_consecutive_skips`` in a row."""
         self.skipped_steps += 1
         self.consecutive_skips += 1
         if self.consecutive_skips >= self.recipe.train.max_consecutive_skips:
@@ -237,7 +251,8 @@ class Trainer:
         metrics = {k: v for k, v in values.items() if not k.startswith("_")}
         metrics["train/lr"] = lr
         grad_norm = self.student.get_global_grad_norm()
-        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        finite = grad_norm is not None and not skipped and torch.isfinite(torch.as_tensor(grad_norm))
+        metrics["train/grad_norm"] = float(grad_norm) if finite else 0.0
         metrics["train/skipped_steps"] = float(self.skipped_steps)
         for name, weight in weights.items():
             metrics[f"teacher/{name}/weight"] = weight
@@ -273,8 +288,7 @@ class Trainer:
         return folder
 
     def export(self) -> Path:
-        out = Path(self.recipe.export.dir or self.output_dir / "export")
-        return checkpoint.export_hf(self.student, self.inputs.student_tokenizer, out)
+        return checkpoint.export_hf(self.student, self.inputs.student_tokenizer, self.recipe.paths().export)
 
     def cleanup(self) -> None:
         self.log.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mlot_ds.errors import BadInput
 from mlot_ds.eval.bpb import bits_per_byte
 from mlot_ds.eval.generate import greedy_generate
 from mlot_ds.eval.metrics import METRIC_FUNCTIONS, METRICS_BY_ADAPTER
@@ -85,7 +86,7 @@ def evaluate_records(
     started = time.perf_counter()
     metrics = {BITS_PER_BYTE: bits_per_byte(model, tokenizer, prompts, [r.response for r in records],
                                             batch_size=batch_size, device=device, append_eos=append_eos,
-                                            max_length=max_length)}
+                                            max_length=max_length, prompt_special_tokens=template.kind == "plain")}
     seconds["bits_per_byte"] = time.perf_counter() - started
     predictions: list[str] = []
     if generate:
@@ -107,7 +108,7 @@ def evaluate_records(
 # Loading what the tools evaluate (tools/evaluate.py, tools/generate_teacher_responses.py, tools/reproduce.py)
 
 
-class EvaluateInputError(Exception):
+class EvaluateInputError(BadInput):
     """A model or data path given to an evaluation tool is not what it should be."""
 
 
@@ -146,6 +147,9 @@ def load_model(folder: Path, device: str) -> dict:
 def _load_hf_folder(folder: Path, device: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mlot_ds.teachers.loading import check_model_weights
+
+    check_model_weights(folder, str(folder))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="float32")
@@ -157,35 +161,10 @@ def _load_hf_folder(folder: Path, device: str) -> dict:
 
 def _load_checkpoint(folder: Path, device: str) -> dict:
     """Consolidate the ZeRO-3 shards of ``folder`` into the student architecture, in memory."""
-    from mlot_ds.config import RecipeError, load_recipe
-    from mlot_ds.engine.resolve import model_path
+    from mlot_ds.engine.checkpoint import consolidate
 
-    try:
-        recipe = load_recipe(folder / "recipe.yaml")
-        student_dir = model_path(recipe.student.model, recipe, "student.model")
-        tokenizer_dir = model_path(recipe.student.tokenizer or recipe.student.model, recipe, "student.tokenizer")
-    except RecipeError as exc:
-        raise EvaluateInputError(f"{folder / 'recipe.yaml'}: {exc}") from None
-    if not (student_dir / "config.json").is_file():
-        raise EvaluateInputError(f"{folder}: the student's base folder {student_dir} (named by its recipe) is "
-                                 f"missing; its config and tokenizer are needed")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    trust = recipe.student.trust_remote_code
-    config = AutoConfig.from_pretrained(student_dir, local_files_only=True, trust_remote_code=trust)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [name for name in missing if name not in tied]
-    if missing or unexpected:
-        raise EvaluateInputError(f"{folder}: checkpoint does not match the student architecture "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    return {"model": model.to(device).eval(), "tokenizer": tokenizer, "template": recipe.student.template.kind,
+    model, tokenizer, recipe = consolidate(folder)
+    return {"model": model.to(device), "tokenizer": tokenizer, "template": recipe.student.template.kind,
             "append_eos": recipe.student.append_eos, "max_length": recipe.data.max_length,
             "source": f"checkpoint:{folder.name}"}
 

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -168,16 +167,20 @@ class TeacherCache:
     """A complete cache folder, opened for reading; :meth:`read` gives what ``TeacherPool.reduce`` gives."""
 
     def __init__(self, folder: Path, manifest: dict, where: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         self.folder, self.manifest, self.where = folder, manifest, where
         self.kind = manifest["binding"]["loss"]["kind"]
         self.temperatures = tuple(manifest["binding"]["loss"].get("temperatures", ()))
         self._handles, self._records = [], {}
         for chunk in range(manifest["num_chunks"]):
-            handle = safe_open(str(chunk_path(folder, chunk)), framework="pt")
-            small = {name: handle.get_tensor(name) for name in ("record_ids", "digests", "pair_offsets", "gold_ce",
-                                                                  "gold_tokens") + (("indices",) if self.kind == "mlot" else ())}
+            try:
+                handle = safe_open(str(chunk_path(folder, chunk)), framework="pt")
+                small = {name: handle.get_tensor(name) for name in ("record_ids", "digests", "pair_offsets", "gold_ce",
+                                                                      "gold_tokens") + (("indices",) if self.kind == "mlot" else ())}
+            except (OSError, SafetensorError) as exc:
+                raise TeacherCacheError(f"{where}: {chunk_path(folder, chunk)} is damaged ({str(exc).splitlines()[0]}); "
+                                        f"delete that chunk and run tools/cache_teachers.py again to rebuild it") from None
             self._handles.append(handle)
             for row, record in enumerate(small["record_ids"].tolist()):
                 self._records[record] = (chunk, row, small)
@@ -189,7 +192,10 @@ class TeacherCache:
         if not manifest_path.is_file():
             raise TeacherCacheError(f"{where}.source: 'cache' but {manifest_path} does not exist; build it with "
                                     f"tools/cache_teachers.py --recipe <this recipe> (or set {where}.cache_dir)")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = _read_manifest(manifest_path)
+        if manifest is None:
+            raise TeacherCacheError(f"{where}: {manifest_path} is damaged or not a teacher-cache manifest; rebuild "
+                                    f"the cache with tools/cache_teachers.py --overwrite")
         if manifest.get("format") != FORMAT_VERSION:
             raise TeacherCacheError(f"{where}: {manifest_path} has format {manifest.get('format')}, expected {FORMAT_VERSION}; rebuild it")
         check_binding(manifest["binding"], expected, where, folder)
@@ -306,10 +312,19 @@ def prepare_folder(folder: Path, manifest: dict, where: str, overwrite: bool) ->
     """Collective: check an existing cache's manifest (every rank), then rank 0 (re)writes it.
 
     A cache with the same binding and layout is resumed; a different one is an error unless
-    ``overwrite``, which deletes it first.
+    ``overwrite``, which removes that cache's own files (its manifest and chunks) first. A folder
+    that holds anything but a cache is refused, with or without ``overwrite``: nothing in it is touched.
     """
     existing = folder / MANIFEST
-    found = json.loads(existing.read_text()) if existing.is_file() else None
+    if folder.exists() and not folder.is_dir():
+        raise TeacherCacheError(f"{where}.cache_dir: {folder} is a file; expected a folder for the teacher cache")
+    found = _read_manifest(existing) if existing.is_file() else None
+    foreign = sorted(p.name for p in folder.iterdir() if not _is_cache_file(p.name)) if folder.is_dir() else []
+    if (existing.is_file() and found is None) or (foreign and found is None):
+        what = f"{existing} is not a teacher-cache manifest" if existing.is_file() else \
+            f"it holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+        raise TeacherCacheError(f"{where}.cache_dir: {folder} is not a teacher cache ({what}); refusing to write "
+                                f"into it: set {where}.cache_dir to a new or empty folder")
     layout = ("format", "num_records", "chunk_records", "uld_head")
     stale = found is not None and (found.get("binding") != manifest["binding"]
                                    or any(found.get(key) != manifest[key] for key in layout))
@@ -320,13 +335,30 @@ def prepare_folder(folder: Path, manifest: dict, where: str, overwrite: bool) ->
 
     def write():
         if stale:
-            shutil.rmtree(folder)
+            for path in folder.iterdir():
+                if _is_cache_file(path.name) and path.is_file():
+                    path.unlink()
         folder.mkdir(parents=True, exist_ok=True)
         temporary = folder / (MANIFEST + ".tmp")
         temporary.write_text(json.dumps(manifest, indent=2))
         os.replace(temporary, existing)
 
     dist.rank0_then_barrier(write)
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """A teacher-cache manifest, or ``None`` when the file is not one (it is then never removed)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "binding" in manifest and "format" in manifest else None
+
+
+def _is_cache_file(name: str) -> bool:
+    """The files a cache build writes: its manifest and its chunks (complete or in progress)."""
+    return (name in (MANIFEST, MANIFEST + ".tmp") or (name.startswith("chunk-") and name.endswith(".safetensors"))
+            or (name.startswith(".chunk-") and name.endswith(".tmp")))
 
 
 def pending_chunks(folder: Path, num_chunks: int, max_chunks: int | None) -> list[int]:

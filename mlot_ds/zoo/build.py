@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from mlot_ds.errors import BadInput
 from mlot_ds.zoo.corpus import read_records, reference_summaries, render_context, render_response
 from mlot_ds.zoo.settings import MEMBERS, STUDENT, TEACHERS, ZooSettings
 
@@ -41,6 +42,10 @@ MIN_STEPS_FOR_WORKERS = 100
 """Below this many training steps in all, building in-process beats paying each worker's imports."""
 LOSS_WINDOW = 10
 """The record's final losses are means over this many last steps."""
+
+
+class ZooError(BadInput):
+    """The zoo's cache folder cannot be used (the message names it)."""
 
 
 def zoo_root(settings: ZooSettings = ZooSettings(), cache_dir: Path | str | None = None) -> Path:
@@ -74,6 +79,10 @@ def build_zoo(
     """
     started = time.perf_counter()
     root = zoo_root(settings, cache_dir)
+    for folder in reversed([root, *root.parents]):
+        if folder.exists() and not folder.is_dir():
+            raise ZooError(f"zoo cache: {folder} is a file; the zoo is built into {root} (set zoo.cache_dir, "
+                           f"--cache-dir or ${CACHE_ENV} to a folder)")
     root.mkdir(parents=True, exist_ok=True)
     missing = [member for member in MEMBERS if not (root / member).is_dir()]
     if missing:
