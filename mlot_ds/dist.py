@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -56,8 +58,17 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def quiet_deprecations() -> None:
+    """Hide the two FutureWarnings DeepSpeed's ZeRO-3 triggers on every step by calling torch APIs that
+    torch has deprecated; exactly those messages, nothing else."""
+
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated", category=FutureWarning)
+
+
 def init(timeout_s: float) -> None:
     """Start the process group (gloo on CPU, the accelerator's backend otherwise), idempotently."""
+    quiet_deprecations()
     map_slurm_environment()
     if torch_dist.is_available() and torch_dist.is_initialized():
         return
@@ -69,6 +80,7 @@ def init(timeout_s: float) -> None:
         # A lone process (plain `python launch/train.py`) rendezvous with itself: any free port
         # avoids clashing with another job on this machine.
         os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+    # deepspeed takes seconds to import and logs its accelerator: only a starting process group needs it.
     import deepspeed
 
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
@@ -98,7 +110,6 @@ def _unlink_cpu_allreduce_buffer() -> None:
 
 
 def _free_port() -> int:
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -146,6 +157,7 @@ def rank0_then_barrier(work: Callable[[], T]) -> T | None:
 def _collective_device() -> torch.device:
     """Where the backend reduces: the CPU for gloo, the accelerator for NCCL and friends."""
     if world_size() > 1 and torch_dist.get_backend() != "gloo":
+        # deepspeed as in init(): only multi-rank jobs on an accelerator reach this line.
         from deepspeed.accelerator import get_accelerator
 
         return torch.device(get_accelerator().current_device_name())

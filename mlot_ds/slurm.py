@@ -21,6 +21,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlot_ds.config import RecipeError, load_recipe
+from mlot_ds.engine.ds_config import DeepSpeedConfigError, read_ds_config
+
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "launch" / "slurm" / "train.sbatch"
 DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero3.json"
@@ -151,8 +154,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
     """Check every option, in the order a reader would, and load the recipe with the overrides."""
-    from mlot_ds.config import load_recipe
-    from mlot_ds.engine.ds_config import read_ds_config
 
     for option, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
                           ("--cpus-per-task", args.cpus_per_task), ("--signal-seconds", args.signal_seconds)):
@@ -188,8 +189,6 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mlot_ds.config import RecipeError
-    from mlot_ds.engine.ds_config import DeepSpeedConfigError
 
     try:
         spec = build_spec(args)

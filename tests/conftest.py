@@ -1,17 +1,27 @@
-"""Shared fixtures: the repository paths, ../shared (skipped when absent), the tiny zoo, and a
-runner for real multi-process DeepSpeed jobs on the CPU."""
+"""Shared fixtures: ../shared (skipped when absent), the tiny zoo, and the private SLURM cluster.
+Helpers that are not fixtures (paths, job runners, float64 references) are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from tests.helpers import SHARED
+
+# No test writes to the user's home folder: HOME and every library cache point into one folder of
+# this session. The one exception is DeepSpeed's compiled CPU op (built once per machine, ~1 min).
+_REAL_HOME = Path.home()
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_REAL_HOME / ".cache" / "torch_extensions"))
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="mlot-tests-home-"))
+os.environ["HOME"] = str(SESSION_HOME)
+os.environ["XDG_CACHE_HOME"] = str(SESSION_HOME / ".cache")
+os.environ["HF_HOME"] = str(SESSION_HOME / ".cache" / "huggingface")
+os.environ["MLOT_DS_CACHE"] = os.environ.get("MLOT_DS_TEST_CACHE") or str(SESSION_HOME / ".cache" / "mlot_ds")
+
+pytest_plugins = ["tests.slurm_cluster"]  # the session fixture that starts a private SLURM cluster
 
 
 @pytest.fixture(scope="session")
@@ -34,40 +44,3 @@ def tiny_zoo_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_zoo(tiny_zoo_cache) -> Path:
     return tiny_zoo_cache
-
-
-def job_env(zoo_cache: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"MLOT_DS_CACHE": str(zoo_cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1",
-                # Subprocesses import this checkout's mlot_ds, whatever `pip install -e` points at.
-                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
-    env.update(extra)
-    return env
-
-
-def deepspeed_command(num_ranks: int, args: list[str], master_port: int) -> list[str]:
-    """``deepspeed --num_gpus N launch/train.py ...`` (N CPU ranks over gloo)."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-            "--master_port", str(master_port), str(REPO / "launch" / "train.py"), *args]
-
-
-def run_job(command: list[str], env: dict, log: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    with open(log, "w") as handle:
-        result = subprocess.run(command, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                timeout=timeout)
-    result.log_text = log.read_text()
-    return result
-
-
-def tiny_recipe_overrides(output_dir: Path, **extra) -> list[str]:
-    """The embedded demo, scaled down to the tiny zoo and a few steps."""
-    values = {
-        "zoo.profile": "tiny", "train.output_dir": str(output_dir), "train.micro_batch_size": 2,
-        "train.max_steps": 6, "train.save_every": 0, "train.warmup_steps": 0, "train.lr": 1e-3,
-        "data.max_length": 160, "data.train.limit": 21, "data.eval.limit": 4, "eval.limit": 4,
-        "eval.max_new_tokens": 8, "eval.batch_size": 2,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]

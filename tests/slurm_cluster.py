@@ -7,7 +7,7 @@ slurmctld and slurmd in the foreground, and waits until ``sinfo`` shows the node
 it cancels the jobs still known to it, then stops the three daemons it started, by pid.
 
 Every client command must see ``SLURM_CONF``: use :meth:`SlurmCluster.env` / :meth:`SlurmCluster.run`.
-Import the fixture into a test module: ``from tests.slurm_cluster import slurm_cluster``.
+tests/conftest.py registers it (``pytest_plugins``); a test only names ``slurm_cluster``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import ast
 import gzip
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from mlot_ds import outputs
 from mlot_ds.config import DEFAULT_RECIPE
 from mlot_ds.engine.cli import main as cli_main
 from mlot_ds.errors import BadInput
-from tests.conftest import REPO, job_env
+from tests.helpers import REPO, job_env
 
 ZERO3 = REPO / "ds_configs" / "zero3.json"
 
@@ -133,6 +134,7 @@ def test_resuming_an_earlier_checkpoint_while_later_ones_exist_is_refused(tmp_pa
 
 
 def run_tool(name: str, *args, env=None) -> subprocess.CompletedProcess:
+    env = dict(env or os.environ, PYTHONPATH=str(REPO))  # this checkout's mlot_ds, whatever pip points at
     return subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env)
 
@@ -144,6 +146,7 @@ def fake_checkpoint(root: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # each starts a tool in a fresh interpreter
 @pytest.mark.parametrize("kind", ["run", "file", "unrelated"])
 def test_export_tool_refuses_every_target_it_did_not_write(tmp_path, targets, kind):
     checkpoint = fake_checkpoint(tmp_path / "src")
@@ -154,6 +157,7 @@ def test_export_tool_refuses_every_target_it_did_not_write(tmp_path, targets, ki
     assert tree_digest(targets[kind]) == before
 
 
+@pytest.mark.slow  # each starts a tool in a fresh interpreter
 @pytest.mark.parametrize("kind", ["run", "file", "unrelated"])
 def test_evaluate_refuses_to_overwrite_what_is_not_its_report(tmp_path, targets, kind):
     before = tree_digest(targets[kind])
@@ -163,6 +167,7 @@ def test_evaluate_refuses_to_overwrite_what_is_not_its_report(tmp_path, targets,
     assert tree_digest(targets[kind]) == before
 
 
+@pytest.mark.slow  # each starts a tool in a fresh interpreter
 def test_generated_responses_never_overwrite_another_file(tmp_path, targets):
     model = tmp_path / "model"
     model.mkdir()
@@ -209,8 +214,7 @@ def test_a_zoo_build_into_a_used_cache_folder_deletes_nothing(tiny_zoo, tmp_path
     before = {p.name: tree_digest(p) for p in cache.iterdir() if p.name != "zoo"}
     build_zoo(ZooSettings(profile="tiny"), cache_dir=cache, progress=False)
     assert {p.name: tree_digest(p) for p in cache.iterdir() if p.name != "zoo"} == before
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "build_zoo.py"), "--profile", "tiny", "--cache-dir",
-                             str(cache / "notes.txt"), "--no-progress"], capture_output=True, text=True, timeout=120)
+    result = run_tool("build_zoo.py", "--profile", "tiny", "--cache-dir", cache / "notes.txt", "--no-progress")
     assert result.returncode == 2 and result.stderr.count("error:") == 1 and "notes.txt" in result.stderr, result.stderr
     assert (cache / "notes.txt").read_text() == "my notes\n"
 
@@ -332,6 +336,7 @@ def test_damaged_checkpoint_files_name_the_file_and_the_previous_checkpoint(tmp_
         check_compatible(root / "step_00000004", {"teachers": []}, False, 1, 3)
 
 
+@pytest.mark.slow  # each starts a tool in a fresh interpreter
 def test_evaluate_and_export_on_a_truncated_checkpoint_say_so_in_one_line(tmp_path, tiny_zoo):
     checkpoint = fake_checkpoint(tmp_path / "src")
     (checkpoint / "recipe.yaml").write_text(DEFAULT_RECIPE.read_text().replace("profile: default", "profile: tiny"))
@@ -349,7 +354,7 @@ def test_evaluate_and_export_on_a_truncated_checkpoint_say_so_in_one_line(tmp_pa
 INPUT_MODULES = ["mlot_ds/config.py", "mlot_ds/outputs.py", "mlot_ds/data/sources.py", "mlot_ds/data/records.py",
                  "mlot_ds/engine/ds_config.py", "mlot_ds/engine/checkpoint.py", "mlot_ds/engine/preflight.py",
                  "mlot_ds/engine/resolve.py", "mlot_ds/engine/setup.py", "mlot_ds/teachers/loading.py",
-                 "mlot_ds/teachers/cache.py"]
+                 "mlot_ds/teachers/cache.py", "mlot_ds/zoo/gguf.py", "mlot_ds/zoo/packaged.py"]
 # Raised and caught inside one module (a bad row becomes a DataError or a skip by the policy).
 CAUGHT_WHERE_RAISED = {"_RowProblem"}
 # Invariants of the package's own calls (a bug, which keeps its traceback), by their message.

@@ -8,8 +8,7 @@ import os
 
 import pytest
 
-from tests.conftest import REPO, deepspeed_command, job_env, run_job, tiny_recipe_overrides
-from tests.test_engine_multirank import free_port, metrics
+from tests.helpers import REPO, deepspeed_command, free_port, job_env, metrics, run_job, tiny_recipe_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 ZERO3 = str(REPO / "ds_configs" / "zero3.json")

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from mlot_ds.config import LossConfig
-from mlot_ds.data.batch import ModelBatch
-from mlot_ds.engine.teacher_loss import SortedHead, TeacherLoss
+from mlot_ds.losses import METHODS, LogitSource, MethodContext, TeacherView
 from mlot_ds.losses.ce import ce_per_sequence
-from mlot_ds.pairing import pack_pairs
+from mlot_ds.losses.mlot import MlotParams
+from mlot_ds.losses.uld import SortedHead, UldParams
+from mlot_ds.pairing import ModelBatch, pack_pairs
 from mlot_ds.teachers import cache
 
 TEACHER_VOCAB, STUDENT_VOCAB = 70, 50
@@ -40,28 +40,30 @@ def micro_batch(seed: int, record_ids: list[int]):
     return ModelBatch(input_ids, attention, labels), logits, pack_pairs(pairs), torch.tensor(record_ids)
 
 
-def teacher_loss_for(kind: str) -> TeacherLoss:
+def method_for(kind: str):
     if kind == "mlot":
-        return TeacherLoss(LossConfig("mlot", "default", {"k": 6}))
+        return METHODS["mlot"](MlotParams(k=6))
     student_to_teacher = torch.randint(0, TEACHER_VOCAB, (STUDENT_VOCAB,), generator=torch.Generator().manual_seed(9))
-    return TeacherLoss(LossConfig(kind), student_to_teacher if kind == "mined" else None)
+    params = UldParams(cache_head=TEACHER_VOCAB) if kind == "uld" else None
+    return METHODS[kind](params, None, MethodContext(student_to_teacher=student_to_teacher if kind == "mined" else None))
 
 
-def build(folder, kind, batches, uld_head=TEACHER_VOCAB):
+def view_of(inputs, pairing) -> TeacherView:
+    return TeacherView(pairing, inputs, inputs)  # the student's tensors are not read by these methods' teacher side
+
+
+def build(folder, kind, batches):
     """Write one chunk per micro-batch, as tools/cache_teachers.py does, and the manifest."""
-    teacher_loss = teacher_loss_for(kind)
+    method = method_for(kind)
     folder.mkdir(parents=True, exist_ok=True)
     for chunk, (inputs, logits, pairing, record_ids) in enumerate(batches):
-        reduced = teacher_loss.reduce(logits, pairing)
-        gold = ce_per_sequence(logits, inputs.labels)
-        gold = {"ce_per_sequence": gold["ce"], "tokens_per_sequence": gold["tokens"]}
-        digests = cache.record_digests(inputs.input_ids, inputs.attention_mask, pairing)
-        cache.write_chunk(folder, chunk, [cache.chunk_tensors(kind, reduced, gold, pairing, record_ids, digests, uld_head)])
-    binding = dict(BINDING, loss=cache.loss_settings(teacher_loss))
+        output = method.teacher(LogitSource(logits=logits), view_of(inputs, pairing), gold=True)
+        cache.write_chunk(folder, chunk, [cache.chunk_tensors(method, output, view_of(inputs, pairing), record_ids)])
+    binding = dict(BINDING, loss=method.cache_settings())
     manifest = {"format": cache.FORMAT_VERSION, "binding": binding, "num_records": 5, "chunk_records": 3,
-                "num_chunks": len(batches), "uld_head": uld_head}
+                "num_chunks": len(batches)}
     (folder / cache.MANIFEST).write_text(json.dumps(manifest))
-    return teacher_loss, binding
+    return method, binding
 
 
 def two_chunks():
@@ -70,24 +72,27 @@ def two_chunks():
 
 @pytest.mark.parametrize("kind", ["mlot", "uld", "mined"])
 def test_a_batch_mixing_records_of_two_chunks_reads_back_as_the_live_teacher(tmp_path, kind):
-    teacher_loss, binding = build(tmp_path / kind, kind, two_chunks())
+    method, binding = build(tmp_path / kind, kind, two_chunks())
     opened = cache.TeacherCache.open(tmp_path / kind, binding, "teachers[0]", num_records=5)
     # A new micro-batch: records 9 and 4 (from different chunks), then a filler row.
     first, second = two_chunks()
     rows = [(second, 1), (first, 0), (first, 1)]
-    inputs = ModelBatch(*(torch.stack([getattr(part[0], f)[b] for part, b in rows]) for f in ("input_ids", "attention_mask", "labels")))
+    inputs = ModelBatch(
+        *(torch.stack([getattr(part[0], f)[b] for part, b in rows]) for f in ("input_ids", "attention_mask", "labels"))
+    )
     inputs.labels[2] = -100
     logits = torch.stack([part[1][b] for part, b in rows])
     pairs = [[(p, p + 1) for p in range(3, 9)], [(p, p + 1) for p in range(2, 9)], []]
     pairing, record_ids = pack_pairs(pairs), torch.tensor([9, 4, -1])
-    live = teacher_loss.reduce(logits, pairing)
-    reduced, gold = opened.read(record_ids, inputs, pairing, teacher_loss, torch.device("cpu"))
+    live = method.teacher(LogitSource(logits=logits), view_of(inputs, pairing), gold=False).reduced
+    reduced, gold = opened.read(record_ids, view_of(inputs, pairing), method, torch.device("cpu"))
     expected_gold = ce_per_sequence(logits, inputs.labels)
     torch.testing.assert_close(gold["ce"], expected_gold["ce"])
     torch.testing.assert_close(gold["tokens"], expected_gold["tokens"])
     student = torch.randn(3, 12, STUDENT_VOCAB, generator=torch.Generator().manual_seed(5))
-    live_terms = teacher_loss.terms(student, live, pairing)
-    cached_terms = teacher_loss.terms(student, reduced, pairing)
+    student_view = TeacherView(pairing, inputs, inputs)
+    live_terms = method.student(student, live, student_view)
+    cached_terms = method.student(student, reduced, student_view)
     for name, value in live_terms.items():
         torch.testing.assert_close(cached_terms[name], value, rtol=1e-2, atol=1e-3)
     if kind == "mlot":
@@ -101,16 +106,16 @@ def test_a_batch_mixing_records_of_two_chunks_reads_back_as_the_live_teacher(tmp
 
 
 def test_a_record_with_other_tokens_or_pairs_is_refused(tmp_path):
-    teacher_loss, binding = build(tmp_path, "mlot", two_chunks())
+    method, binding = build(tmp_path, "mlot", two_chunks())
     opened = cache.TeacherCache.open(tmp_path, binding, "teachers[1]", num_records=5)
     inputs, _, pairing, record_ids = two_chunks()[0]
-    opened.read(record_ids, inputs, pairing, teacher_loss, torch.device("cpu"))
+    opened.read(record_ids, view_of(inputs, pairing), method, torch.device("cpu"))
     changed = ModelBatch(inputs.input_ids.clone(), inputs.attention_mask, inputs.labels)
     changed.input_ids[1, 0] += 1
     with pytest.raises(cache.TeacherCacheError, match=r"teachers\[1\]: record 0 was cached from other tokens"):
-        opened.read(record_ids, changed, pairing, teacher_loss, torch.device("cpu"))
+        opened.read(record_ids, view_of(changed, pairing), method, torch.device("cpu"))
     with pytest.raises(cache.TeacherCacheError, match="record 5 is not in the cache"):
-        opened.read(torch.tensor([4, 5, 7]), inputs, pairing, teacher_loss, torch.device("cpu"))
+        opened.read(torch.tensor([4, 5, 7]), view_of(inputs, pairing), method, torch.device("cpu"))
 
 
 def test_open_names_every_binding_that_differs(tmp_path):
@@ -136,7 +141,7 @@ def test_open_refuses_a_missing_an_incomplete_or_a_resized_cache(tmp_path):
 
 
 def test_prepare_folder_resumes_the_same_setup_and_refuses_another(tmp_path):
-    manifest = {"format": 1, "binding": BINDING, "num_records": 5, "chunk_records": 3, "num_chunks": 2, "uld_head": None}
+    manifest = {"format": cache.FORMAT_VERSION, "binding": BINDING, "num_records": 5, "chunk_records": 3, "num_chunks": 2}
     cache.prepare_folder(tmp_path, manifest, "teachers[0]", overwrite=False)
     cache.chunk_path(tmp_path, 0).write_bytes(b"done")
     cache.prepare_folder(tmp_path, manifest, "teachers[0]", overwrite=False)  # same setup: resume
@@ -171,6 +176,9 @@ def test_checkpoint_hash_follows_config_and_weights(tmp_path):
     assert len({before, cache.checkpoint_hash(tmp_path)}) == 2
 
 
-def test_the_official_preset_cannot_be_cached():
-    with pytest.raises(cache.TeacherCacheError, match="official"):
-        cache.loss_settings(TeacherLoss(LossConfig("mlot", "official")))
+def test_the_official_method_and_token_ranking_cannot_be_cached():
+    from mlot_ds.losses.official import OfficialParams
+
+    assert "whole batch" in METHODS["official"].cache_problem(OfficialParams())
+    assert "ranking 'token'" in METHODS["mlot"].cache_problem(MlotParams(ranking="token"))
+    assert METHODS["mlot"].cache_problem(MlotParams()) is None

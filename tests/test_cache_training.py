@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mlot_ds.config import DEFAULT_RECIPE
-from tests.conftest import REPO, job_env, run_job, tiny_recipe_overrides
+from tests.helpers import REPO, job_env, run_job, tiny_recipe_overrides
 
 pytestmark = [pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def recipe(tmp: Path) -> Path:
     live teacher (llama's model again, MultiLevelOT), and dynamic weights (the gold CE is cached too)."""
     raw = yaml.safe_load(DEFAULT_RECIPE.read_text())
     llama, qwen, opt = raw["teachers"]
-    qwen["loss"] = {"kind": "uld"}
+    qwen["loss"] = {"kind": "uld", "cache_head": 100000}
     opt.update(pairing="dtw", loss={"kind": "mined"})
     raw["teachers"].append(dict(llama, name="llama_live", loss={"kind": "mlot", "preset": "paper"}))
     raw["weighting"] = {"mode": "dynamic", "normalize": True, "temperature": 1.0}
@@ -54,12 +54,12 @@ def runs(tmp_path_factory, tiny_zoo):
     env = job_env(tiny_zoo)
     base = ["--recipe", str(recipe(tmp))]
     tool = [str(REPO / "tools" / "cache_teachers.py"), *base, "--teachers", ",".join(CACHED), "--chunk-records", "8",
-            "--uld-head", "100000", *overrides(tmp, "build")]
+            *overrides(tmp, "build")]
     first = run_job([sys.executable, *tool, "--max-chunks", "1"], env, tmp / "build1.log")
     assert first.returncode == 0, first.log_text[-3000:]
     first_chunk = tmp / "cache" / "teachers" / "llama" / "chunk-00000.safetensors"
     stamp = first_chunk.stat().st_mtime_ns
-    from tests.test_engine_multirank import free_port
+    from tests.helpers import free_port
 
     second = run_job([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                       str(free_port()), *tool], env, tmp / "build2.log")
@@ -98,23 +98,23 @@ def test_cached_teachers_give_the_live_losses_to_bf16_precision(runs):
 
 def test_a_cache_built_for_other_settings_is_refused_naming_what_differs(runs, tiny_zoo):
     from mlot_ds.config import RecipeError, load_recipe
-    from mlot_ds.engine.setup import prepare_inputs
-    from mlot_ds.engine.teacher_loss import TeacherLoss
+    from mlot_ds.engine.setup import build_methods, prepare_inputs
     from mlot_ds.teachers.cache import TeacherCacheError, open_caches
 
     tmp = runs["tmp"]
-    changed = {"teachers.llama.source": "cache", "teachers.llama.loss.overrides.k": 20,
+    changed = {"teachers.llama.source": "cache", "teachers.llama.loss.k": 20,
                "teachers.qwen.source": "cache", "teachers.qwen.append_eos": True, "zoo.cache_dir": str(tiny_zoo)}
     recipe_ = load_recipe(runs["base"][1], overrides(tmp, "refused", **changed))
     inputs = prepare_inputs(recipe_, progress=False)
-    losses = {t.name: TeacherLoss(t.loss, inputs.data.vocab_maps.get(t.name)) for t in recipe_.teachers}
     with pytest.raises(TeacherCacheError) as error:
-        open_caches(recipe_, inputs, losses)
+        open_caches(recipe_, inputs, inputs.methods)
     message = str(error.value)
     assert isinstance(error.value, RecipeError)  # the command line reports it as bad input (exit status 2)
     assert message.startswith("teachers[0]: the teacher cache") and "differs: loss (cache: {'kind': 'mlot', 'k': 50" in message
     assert "'k': 20" in message and "checkpoint" not in message
-    recipe_.teachers[0].loss.overrides.clear()
-    losses["llama"] = TeacherLoss(recipe_.teachers[0].loss)
+    import dataclasses
+
+    recipe_.teachers[0].loss.params = dataclasses.replace(recipe_.teachers[0].loss.params, k=50)
+    methods = build_methods(recipe_, inputs)
     with pytest.raises(TeacherCacheError, match=r"teachers\[1\]: .* differs: template \(cache: \{.*'append_eos': False"):
-        open_caches(recipe_, inputs, losses)
+        open_caches(recipe_, inputs, methods)

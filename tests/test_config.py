@@ -12,7 +12,8 @@ import yaml
 
 from mlot_ds.config import DEFAULT_RECIPE, Recipe, RecipeError, apply_override, load_recipe
 from mlot_ds.engine.cli import main as cli_main
-from mlot_ds.engine.ds_config import DeepSpeedConfigError, read_ds_config, student_ds_config, teacher_ds_config
+from mlot_ds.engine.ds_config import DeepSpeedConfigError, read_ds_config, student_ds_config
+from mlot_ds.teachers.loading import teacher_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = REPO / "ds_configs" / "zero3.json"
@@ -39,12 +40,12 @@ def test_embedded_default_loads_and_has_three_teachers_with_distinct_models():
 def test_overrides_by_dotted_path_teacher_name_and_index(tmp_path):
     recipe = load_recipe(write(tmp_path, base_recipe()), [
         "train.max_steps=7", "teachers.qwen.weight=2.5", "teachers.0.loss.preset=paper",
-        "teachers.opt.loss.overrides.k=20", "weighting.mode=dynamic", "data.eval=null",
+        "teachers.opt.loss.k=20", "weighting.mode=dynamic", "data.eval=null",
     ])
     assert recipe.train.max_steps == 7
     assert recipe.teachers[1].weight == 2.5
-    assert recipe.teachers[0].loss.preset == "paper"
-    assert recipe.teachers[2].loss.overrides == {"k": 20}
+    assert recipe.teachers[0].loss.params.preset == "paper"
+    assert recipe.teachers[2].loss.params.k == 20 and recipe.teachers[1].loss.params.k == 50
     assert recipe.weighting.mode == "dynamic"
     assert recipe.data.eval is None
 
@@ -66,13 +67,14 @@ BAD_RECIPES = [
     (lambda r: r["train"].update(grad_accum=1.5), "train.grad_accum: expected an integer"),
     (lambda r: r["teachers"][1].update(pairing="byte"), "teachers[1].pairing: expected one of position, offsets, dtw"),
     (lambda r: r["teachers"][0]["loss"].update(preset="offical"), "teachers[0].loss.preset: expected one of"),
-    (lambda r: r["teachers"][0]["loss"].update(kind="kl"), "teachers[0].loss.kind: expected one of mlot, uld, mined"),
+    (lambda r: r["teachers"][0]["loss"].update(kind="klx"), "teachers[0].loss.kind: expected one of mlot, official, uld, mined"),
     (lambda r: r["teachers"][2].update(placement="gpu"), "teachers[2].placement: expected one of shard, offload, replicate"),
     (lambda r: r["teachers"][1].update(name="llama"), "teachers[1].name: duplicate teacher name 'llama'"),
     (lambda r: r["teachers"][0].update(weight=-1), "teachers[0].weight: expected a non-negative number"),
     (lambda r: r.update(teachers=[]), "teachers: expected at least one teacher"),
     (lambda r: [t.update(weight=0) for t in r["teachers"]], "weights (priors) must not all be zero"),
     (lambda r: r["teachers"][0].update(loss={"kind": "mined"}), "teachers[0].pairing: loss 'mined' needs pairing 'dtw'"),
+    (lambda r: r["teachers"][0].update(loss={"kind": "uld", "preset": "paper"}), "teachers[0].loss.preset: not a parameter of loss 'uld'"),  # noqa: E501
     (lambda r: r["weighting"].update(mode="adaptive"), "weighting.mode: expected one of static, dynamic"),
     (lambda r: r["weighting"].update(temperature=0), "weighting.temperature: expected a positive number"),
     (lambda r: r["data"].update(max_length=4), "data.max_length: expected an integer >= 16"),
@@ -84,20 +86,22 @@ BAD_RECIPES = [
     (lambda r: r["student"].update(model="zoo:gpt9"), "student.model: unknown zoo member 'gpt9'"),
     (lambda r: r["student"]["template"].update(kind="alpaca"), "student.template.kind: expected one of plain, chat"),
     (lambda r: r["teachers"][0].update(model="/nonexistent/teacher"), "teachers[0].model: model folder not found"),
-    (lambda r: r["teachers"][0]["loss"].update(overrides={"kk": 3}), "teachers[0].loss.overrides: unknown MultiLevelOT override(s) ['kk']"),
-    (lambda r: r["teachers"][0]["loss"].update(overrides={"ranking": "word"}), "teachers[0].loss.overrides: preset 'default': ranking must be one of"),
-    (lambda r: r["teachers"][0]["loss"].update(preset="official", overrides={"ranking": "token"}),
-     "teachers[0].loss.overrides: preset 'official': the released code ranks over the whole batch"),
-    (lambda r: r["teachers"][1].update(source="cache", loss={"kind": "mlot", "overrides": {"ranking": "token"}}),
-     "teachers[1].loss.overrides.ranking: a cache stores one ranking per record"),
-    (lambda r: r["teachers"][0]["loss"].update(weights={"uld": 1.0}), "teachers[0].loss.weights.uld: loss 'mlot' has the terms had, sl, sd"),
-    (lambda r: r["teachers"][0]["loss"].update(weights={"sd": -0.5}), "teachers[0].loss.weights.sd: expected a non-negative number"),
-    (lambda r: r["teachers"][2].update(loss={"kind": "uld", "weights": {"had": 1}}), "teachers[2].loss.weights.had: loss 'uld' has the terms uld"),
-    (lambda r: r["teachers"][0].update(pairing="dtw", loss={"kind": "mined", "overrides": {"tau": 2.0}}),
-     "teachers[0].loss.overrides: loss 'mined' takes no overrides (its weight is loss.weights.mined)"),
+    (lambda r: r["teachers"][0]["loss"].update(kk=3), "teachers[0].loss.kk: unknown field; did you mean 'k'?"),
+    (lambda r: r["teachers"][0]["loss"].update(ranking="word"), "teachers[0].loss.ranking: expected one of sequence, token"),
+    (lambda r: r["teachers"][0]["loss"].update(overrides={"k": 0}), "teachers[0].loss.k: expected an integer >= 1"),
+    (lambda r: r["teachers"][0]["loss"].update(k=0), "teachers[0].loss.k: expected an integer >= 1"),
+    (lambda r: r["teachers"][0].update(loss={"kind": "official", "ranking": "token"}),
+     "teachers[0].loss.ranking: not a parameter of loss 'official'"),
+    (lambda r: r["teachers"][1].update(source="cache", loss={"kind": "mlot", "ranking": "token"}),
+     "teachers[1].source: 'cache' cannot serve loss 'mlot': a cache stores one ranking per record"),
+    (lambda r: r["teachers"][0]["loss"].update(weights={"uld": 1.0}), "teachers[0].loss.weights.uld: loss 'mlot' has the terms had, sl, sd"),  # noqa: E501
+    (lambda r: r["teachers"][0]["loss"].update(weights={"sd": -0.5}), "teachers[0].loss.weights.sd: expected a non-negative number"),  # noqa: E501
+    (lambda r: r["teachers"][2].update(loss={"kind": "uld", "weights": {"had": 1}}), "teachers[2].loss.weights.had: loss 'uld' has the terms uld"),  # noqa: E501
+    (lambda r: r["teachers"][0].update(pairing="dtw", loss={"kind": "mined", "tau": 2.0}),
+     "teachers[0].loss.tau: unknown field; valid fields: temperature"),
     (lambda r: r["teachers"][0]["loss"].update(weights=[0.1]), "teachers[0].loss.weights: expected a mapping"),
-    (lambda r: r["teachers"][0].update(source="cache", loss={"kind": "mlot", "preset": "official"}),
-     "teachers[0].source: 'cache' cannot hold preset 'official'"),
+    (lambda r: r["teachers"][0].update(source="cache", loss={"kind": "official"}),
+     "teachers[0].source: 'cache' cannot serve loss 'official'"),
     (lambda r: r["teachers"][1].update(source="cache", cache_dir="/nonexistent/cache"),
      "teachers[1].source: 'cache' but /nonexistent/cache/manifest.json does not exist"),
     (lambda r: r["eval"].update(best_metric="eval/bleu", every=5), "eval.best_metric: expected one of"),
@@ -154,7 +158,8 @@ def test_a_conflicting_number_in_the_json_names_both_places(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(raw))
     recipe = load_recipe(None, ["train.micro_batch_size=4"])
-    with pytest.raises(DeepSpeedConfigError, match=r"train_micro_batch_size_per_gpu = 8 conflicts with the recipe's train.micro_batch_size = 4"):
+    expected = r"train_micro_batch_size_per_gpu = 8 conflicts with the recipe's train.micro_batch_size = 4"
+    with pytest.raises(DeepSpeedConfigError, match=expected):
         student_ds_config(read_ds_config(path), recipe, 1, 10, torch.device("cpu"), source=str(path))
 
 
@@ -167,12 +172,15 @@ def test_an_equal_number_in_the_json_is_accepted(tmp_path):
     assert config["gradient_clipping"] == 1.0
 
 
-@pytest.mark.parametrize("text,expected", [
-    ('{"zero_optimization": {"stage": 2}}', "zero_optimization.stage must be 3"),
-    ('{"zero_optimization": {"stage": 3},\n "fp16": {"enabled": true}}', "fp16.enabled is not supported"),
-    ('{"zero_optimization": {"stage": 3},,}', ":1: not valid JSON"),
-    ('[1, 2]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ('{"zero_optimization": {"stage": 2}}', "zero_optimization.stage must be 3"),
+        ('{"zero_optimization": {"stage": 3},\n "fp16": {"enabled": true}}', "fp16.enabled is not supported"),
+        ('{"zero_optimization": {"stage": 3},,}', ":1: not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_bad_deepspeed_configs(tmp_path, text, expected):
     path = tmp_path / "ds.json"
     path.write_text(text)
@@ -218,8 +226,9 @@ def test_dry_run_loads_every_tokenizer_of_the_tiny_zoo(tiny_zoo_env, capsys):
 
 
 def test_dry_run_rejects_a_chat_template_the_tokenizer_does_not_have(tiny_zoo_env, capsys):
-    from mlot_ds.zoo import ZooSettings, zoo_member_path
     from transformers import AutoTokenizer
+
+    from mlot_ds.zoo import ZooSettings, zoo_member_path
 
     kinds = {}
     for member, name in (("teacher-llama", "llama"), ("teacher-qwen", "qwen"), ("teacher-opt", "opt")):
@@ -245,29 +254,57 @@ def test_dry_run_rejects_a_tokenizer_larger_than_the_model(tiny_zoo_env, tmp_pat
     config["vocab_size"] = 8
     (small / "config.json").write_text(json.dumps(config))
     (small / "model.safetensors").symlink_to(student / "model.safetensors")  # a dry run reads only its header
-    code = cli_main(["--config", str(ZERO3), "--dry-run", "zoo.profile=tiny", f"student.model={small}",
-                     f"student.tokenizer={student}"])
+    code = cli_main(
+        ["--config", str(ZERO3), "--dry-run", "zoo.profile=tiny", f"student.model={small}", f"student.tokenizer={student}"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "student.tokenizer" in err and "embedding rows" in err
 
 
 def test_loss_weights_replace_the_preset_weights_term_by_term():
-    from mlot_ds.config import LossConfig
-    from mlot_ds.engine.teacher_loss import ULD_WEIGHT, TeacherLoss
-    from mlot_ds.losses import PRESETS
+    from mlot_ds.losses import METHODS, PRESETS
+    from mlot_ds.losses.mlot import MlotParams
 
     default = PRESETS["default"].weights
-    mlot = TeacherLoss(LossConfig(kind="mlot", preset="default", weights={"sl": 0, "sd": 0.25}))
+    mlot = METHODS["mlot"](MlotParams(), {"sl": 0, "sd": 0.25})
     assert mlot.term_weights == {"had": default["had"], "sl": 0.0, "sd": 0.25}
-    assert TeacherLoss(LossConfig(kind="mlot", preset="paper")).term_weights == dict(PRESETS["paper"].weights)
-    assert TeacherLoss(LossConfig(kind="uld")).term_weights == {"uld": ULD_WEIGHT}
-    assert TeacherLoss(LossConfig(kind="uld", weights={"uld": 0})).term_weights == {"uld": 0.0}
-    token = TeacherLoss(LossConfig(kind="mlot", overrides={"ranking": "token", "k": 7}))
-    assert (token.hparams.ranking, token.hparams.k) == ("token", 7)
+    assert METHODS["mlot"](MlotParams(preset="paper")).term_weights == dict(PRESETS["paper"].weights)
+    assert METHODS["uld"]().term_weights == {"uld": 1.5}
+    assert METHODS["uld"](None, {"uld": 0}).term_weights == {"uld": 0.0}
+    token = METHODS["mlot"](MlotParams(ranking="token", k=7))
+    assert (token.preset.ranking, token.preset.k) == ("token", 7)
 
 
-def test_loss_weights_and_ranking_load_from_dotted_overrides():
-    recipe = load_recipe(None, ["teachers.llama.loss.weights.sl=0", "teachers.llama.loss.overrides.ranking=token"])
+def test_loss_weights_and_parameters_load_from_dotted_overrides():
+    recipe = load_recipe(None, ["teachers.llama.loss.weights.sl=0", "teachers.llama.loss.ranking=token"])
     assert recipe.teachers[0].loss.weights == {"sl": 0}
-    assert recipe.teachers[0].loss.overrides == {"ranking": "token"}
-    assert recipe.teachers[1].loss.weights == {} and recipe.teachers[1].loss.overrides == {}
+    assert recipe.teachers[0].loss.params.ranking == "token"
+    assert recipe.teachers[1].loss.weights == {} and recipe.teachers[1].loss.params.ranking == "sequence"
+
+
+def test_recipes_of_the_earlier_format_still_load_with_a_warning(tmp_path):
+    raw = base_recipe()
+    raw["teachers"][0]["loss"] = {"kind": "mlot", "preset": "official", "overrides": {"k": 20}}
+    raw["teachers"][1]["loss"] = {"kind": "mlot", "preset": "paper", "overrides": {"ranking": "token"}, "weights": {"sd": 0}}
+    raw["teachers"][2].update(pairing="position", loss={"kind": "uld", "preset": "default", "overrides": {}})
+    with pytest.warns(UserWarning, match="now 'kind: official'"):
+        recipe = load_recipe(write(tmp_path, raw))
+    first, second, third = (t.loss for t in recipe.teachers)
+    assert (first.kind, first.params.k) == ("official", 20)
+    assert (second.kind, second.params.preset, second.params.ranking, second.weights) == ("mlot", "paper", "token", {"sd": 0})
+    assert third.kind == "uld"
+
+
+def test_a_recipe_round_trips_through_its_plain_form(tmp_path):
+    recipe = load_recipe(
+        None,
+        [
+            "teachers.llama.loss={kind: official, k: 9}",
+            "teachers.qwen.loss.tau_sd=3.0",
+            "teachers.opt.loss={kind: uld, weights: {uld: 0.5}}",
+            "teachers.opt.pairing=position",
+        ],
+    )
+    path = tmp_path / "saved.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    assert load_recipe(path) == recipe

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-
 from data_fixtures import BUILDERS, UNICODE_SAMPLES, gpt2, sp_bpe, sp_slow, unigram, with_chat_template, wordpiece
+
 from mlot_ds.data import DistillationData, ModelSide, Record, RecordSet, Template
 from mlot_ds.data import encode as encode_module
 from mlot_ds.data.offsets import response_spans
@@ -356,7 +356,7 @@ def test_tokenization_is_cached_per_distinct_tokenizer(tmp_path, monkeypatch):
         raise AssertionError("a cached tokenization should have been loaded")
 
     monkeypatch.setattr(encode_module, "encode_prompt_responses", must_not_run)
-    monkeypatch.setattr(encode_module, "offsets_pairs", must_not_run)
+    monkeypatch.setattr(encode_module, "offset_groups", must_not_run)
     monkeypatch.setattr(encode_module, "dtw_pairs", must_not_run)
     second = build(cache_dir=tmp_path)
     for x, y in zip(first.micro_batches(0, 1), second.micro_batches(0, 1)):

@@ -179,7 +179,8 @@ def test_generic_adapter_csv_defaults_and_limit(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text("prompt,response\nhello,world\nfoo,bar\nx,y\n")
     result = load_records("jsonl", path, limit=2)
-    assert [(r.prompt, r.response, r.references) for r in result.records] == [("hello", "world", ("world",)), ("foo", "bar", ("bar",))]
+    expected = [("hello", "world", ("world",)), ("foo", "bar", ("bar",))]
+    assert [(r.prompt, r.response, r.references) for r in result.records] == expected
 
 
 def test_generic_adapter_named_references_column_must_exist(tmp_path):

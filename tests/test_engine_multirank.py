@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, deepspeed_command, job_env, run_job, tiny_recipe_overrides
+from tests.helpers import REPO, deepspeed_command, free_port, job_env, metrics, run_job, tiny_recipe_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
@@ -27,22 +26,7 @@ ZERO3 = str(REPO / "ds_configs" / "zero3.json")
 TAGS_PER_TEACHER = ("had", "sl", "sd", "kd", "weight")
 TEACHERS = ("llama", "qwen", "opt")
 # The reference runs also exercise per-token ranking (chunked teacher head) and a recipe term weight.
-REFERENCE_LOSS = {"teachers.opt.loss.overrides.ranking": "token", "teachers.opt.loss.weights.sd": 0.05}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def metrics(output_dir: Path) -> dict[int, dict]:
-    rows = {}
-    for line in (output_dir / "tensorboard" / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        # A resumed run rewrites later steps, and evaluation adds rows: the newest value wins.
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
+REFERENCE_LOSS = {"teachers.opt.loss.ranking": "token", "teachers.opt.loss.weights.sd": 0.05}
 
 
 def train(tmp: Path, name: str, ranks: int, zoo: Path, timeout: float = 600, **overrides):
@@ -356,10 +340,10 @@ def test_mixed_losses_placements_dynamic_weights_and_nonfinite_skips(tmp_path, t
     )
     out = tmp_path / "mixed"
     overrides = tiny_recipe_overrides(out, **{
-        "teachers.llama.pairing": "dtw", "teachers.llama.loss.kind": "mined", "teachers.llama.placement": "replicate",
-        "teachers.qwen.pairing": "position", "teachers.qwen.loss.preset": "official",
+        "teachers.llama.pairing": "dtw", "teachers.llama.loss": "{kind: mined}", "teachers.llama.placement": "replicate",
+        "teachers.qwen.pairing": "position", "teachers.qwen.loss": "{kind: official}",
         "teachers.qwen.placement": "offload",
-        "teachers.opt.pairing": "position", "teachers.opt.loss.kind": "uld",
+        "teachers.opt.pairing": "position", "teachers.opt.loss": "{kind: uld}",
         "weighting.mode": "dynamic", "weighting.temperature": 0.5, "train.max_consecutive_skips": 2,
         "export.enabled": "false", "data.eval": "null",
     })

@@ -88,8 +88,12 @@ def test_evaluate_records_names_and_means(tiny_zoo, records):
     assert len(result.predictions) == len(records)
     scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
     # ROUGE-LSum needs one sentence per line; the DialogSum references are short sentences.
-    split = lambda text: "\n".join(s.strip() for s in text.replace("? ", "?\n").replace("! ", "!\n").replace(". ", ".\n").splitlines())  # noqa: E731
-    expected = sum(max(scorer.score(split(ref), split(pred))["rougeLsum"].fmeasure for ref in r.references)
-                   for pred, r in zip(result.predictions, records)) / len(records)
+    split = lambda text: "\n".join(
+        s.strip() for s in text.replace("? ", "?\n").replace("! ", "!\n").replace(". ", ".\n").splitlines()
+    )  # noqa: E731
+    expected = sum(
+        max(scorer.score(split(ref), split(pred))["rougeLsum"].fmeasure for ref in r.references)
+        for pred, r in zip(result.predictions, records)
+    ) / len(records)
     assert result.metrics["eval/rouge_lsum"] == pytest.approx(100 * expected)
     assert 0 < result.metrics["eval/bits_per_byte"] < 16

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, job_env, run_job, tiny_recipe_overrides
+from tests.helpers import REPO, job_env, run_job, tiny_recipe_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_evaluate_bad_paths_fail_with_one_clear_error(tiny_zoo, tmp_path, capsys
 
     student = zoo_member_path("student", ZooSettings(profile="tiny"), cache_dir=tiny_zoo)
     assert evaluate.main([str(student), "--adapter", "dialogsum", "--path", str(tmp_path / "missing.jsonl")]) == 2
-    assert "missing.jsonl: no such file or folder" in capsys.readouterr().err
+    assert f"--path: no such file or folder: {tmp_path / 'missing.jsonl'}" in capsys.readouterr().err
     assert evaluate.main([str(student), *test_set, "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().err
 
@@ -117,7 +117,7 @@ def test_teacher_responses_round_trip_through_the_jsonl_adapter_and_a_recipe(tin
     from mlot_ds.data import load_records
     from mlot_ds.engine.setup import prepare_inputs
 
-    gold = {r.prompt: r for r in load_records("dialogsum", REPO / "mlot_ds" / "zoo" / "corpus" / "dialogsum.test.jsonl").records}
+    gold = {r.prompt: r for r in load_records("dialogsum", REPO / "mlot_ds" / "data" / "corpus" / "dialogsum.test.jsonl").records}
     records = load_records("jsonl", out).records
     assert len(records) == len(rows)
     for record, row in zip(records, rows):

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from data_fixtures import BUILDERS, sp_bpe, sp_model_file, with_chat_template
 
-from data_fixtures import BUILDERS, sp_bpe, sp_model_file, sp_slow, with_chat_template
 from mlot_ds.data import DistillationData, ModelSide, Record, RecordSet, Template, load_tokenizer, render_prompt
 from mlot_ds.data.offsets import _partition_from_char_offsets, response_spans
 from mlot_ds.data.tokenize import decodes_to_response, encode_prompt_response, encode_prompt_responses

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from mlot_ds.losses import masked_ce, official_spans, teacher_summary, uld
+from mlot_ds.losses import LogitSource, TeacherView, masked_ce, teacher_summary, uld
 from mlot_ds.losses.ce import ce_per_sequence
-from mlot_ds.losses.head import ce_per_sequence_from_hidden, rows_logits, teacher_summary_from_hidden
+from mlot_ds.losses.head import ce_per_sequence_from_hidden, rows_logits
+from mlot_ds.losses.mlot import teacher_summary_from_hidden
+from mlot_ds.losses.official import OfficialMultiLevelOT, OfficialParams
 from mlot_ds.losses.uld import teacher_sorted_head, uld_sorted_head
-from mlot_ds.pairing import pack_pairs, position_pairing
-from test_losses_reference import position_pairs, softmax
+from mlot_ds.pairing import ModelBatch, pack_pairs, position_pairing
+from tests.helpers import position_pairs, softmax
 
 
 def head_batch(seed=0, vocab=97, hidden_size=6, dtype=torch.float64, with_bias=True):
@@ -36,11 +38,18 @@ def full_logits(hidden, weight, bias):
 @pytest.mark.parametrize("chunk", [1, 50, 10**6])  # elements per chunk: one row at a time ... everything at once
 def test_summary_from_hidden_equals_the_full_logits_path(preset, chunk):
     hidden, weight, bias, labels, student_labels = head_batch(1)
-    pairing = (official_spans(student_labels, labels) if preset == "official"
-               else position_pairing(student_labels, labels))
-    reference = teacher_summary(full_logits(hidden, weight, bias), pairing, preset=preset, k=7)
-    summary, gold = teacher_summary_from_hidden(hidden, weight, bias, pairing, preset=preset, k=7, ce_labels=labels,
-                                                head_chunk_elements=chunk)
+    pairing = position_pairing(student_labels, labels)
+    if preset == "official":  # its own method, which reads both answer spans from the labels
+        method = OfficialMultiLevelOT(OfficialParams(k=7))
+        ones = torch.ones_like(labels)
+        view = TeacherView(pairing, ModelBatch(student_labels, ones, student_labels), ModelBatch(labels, ones, labels))
+        reference = method.teacher(LogitSource(logits=full_logits(hidden, weight, bias)), view, gold=False).reduced
+        summary, gold = method.teacher(LogitSource(hidden=hidden, weight=weight, bias=bias, head_chunk_elements=chunk),
+                                       view, gold=True)
+    else:
+        reference = teacher_summary(full_logits(hidden, weight, bias), pairing, preset=preset, k=7)
+        summary, gold = teacher_summary_from_hidden(hidden, weight, bias, pairing, preset=preset, k=7, ce_labels=labels,
+                                                    head_chunk_elements=chunk)
     assert summary.temperatures == reference.temperatures
     assert torch.equal(summary.indices, reference.indices)
     torch.testing.assert_close(summary.values, reference.values)

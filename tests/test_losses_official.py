@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlot_ds.losses import PRESETS, multilevel_ot
-from test_losses_reference import make_batch
+from mlot_ds.losses import PRESETS, official_multilevel_ot
+from tests.helpers import make_batch
 
 
 def spans(labels, skip_last):
@@ -74,7 +74,7 @@ def test_official_preset_reproduces_released_formulas(layout, lam):
     teacher, t_labels = make_batch(t_spec, tt, 30, gen)
     student, teacher = student * 3, teacher * 3
     had, sl, sd = released_loss(student, teacher, s_labels, t_labels, k=12, lam=lam)
-    out = multilevel_ot(student, teacher, s_labels, t_labels, preset="official", k=12, sinkhorn_lambda=lam)
+    out = official_multilevel_ot(student, teacher, s_labels, t_labels, k=12, sinkhorn_lambda=lam)
     batch = len(s_spec)
     assert out["sequences"] == batch  # no empty sequence: the reduction mapping is exact
     preset = PRESETS["official"]
@@ -92,7 +92,7 @@ def test_official_gradient_matches_transcription():
     teacher, t_labels = make_batch([(1, 5), (2, 3)], 8, 13, gen)
     a = student.clone().requires_grad_()
     b = student.clone().requires_grad_()
-    out = multilevel_ot(a, teacher, s_labels, t_labels, preset="official", k=6)
+    out = official_multilevel_ot(a, teacher, s_labels, t_labels, k=6)
     (sum(PRESETS["official"].weights[t] * out[t] for t in ("had", "sl", "sd")) / out["sequences"]).backward()
     had, sl, sd = released_loss(b, teacher, s_labels, t_labels, k=6)
     (1.5 * (had + 0.1 * sl + 0.1 * 0.001 * sd)).backward()

@@ -8,15 +8,15 @@ import torch
 from mlot_ds.losses import (
     PRESETS,
     TERMS,
-    compose,
     multilevel_ot,
     multilevel_ot_from_summary,
+    official_multilevel_ot,
     overridable_names,
     sinkhorn_plan,
     teacher_summary,
 )
 from mlot_ds.pairing import position_pairing
-from test_losses_reference import make_batch
+from tests.helpers import make_batch
 
 SMALL = dict(k=4)
 
@@ -83,7 +83,9 @@ def test_padding_and_prompt_positions_change_nothing():
 def test_batch_equals_sum_of_samples():
     student, teacher, s_labels, t_labels = batch(4)
     whole = multilevel_ot(student, teacher, s_labels, t_labels, **SMALL)
-    parts = [multilevel_ot(student[b : b + 1], teacher[b : b + 1], s_labels[b : b + 1], t_labels[b : b + 1], **SMALL) for b in range(3)]
+    parts = [
+        multilevel_ot(student[b : b + 1], teacher[b : b + 1], s_labels[b : b + 1], t_labels[b : b + 1], **SMALL) for b in range(3)
+    ]
     for name in (*TERMS, "tokens", "sequences"):
         torch.testing.assert_close(whole[name], sum(part[name] for part in parts))
 
@@ -141,24 +143,37 @@ def test_inputs_are_not_modified():
     student, teacher, s_labels, t_labels = batch(10)
     copies = [x.clone() for x in (student, teacher, s_labels, t_labels)]
     multilevel_ot(student, teacher, s_labels, t_labels, with_ce=True, **SMALL)
-    multilevel_ot(student, teacher, s_labels, t_labels, preset="official", **SMALL)
+    official_multilevel_ot(student, teacher, s_labels, t_labels, **SMALL)
     for original, copy in zip((student, teacher, s_labels, t_labels), copies):
         assert torch.equal(original, copy)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_split_equals_composed(preset):
-    student, teacher, s_labels, t_labels = batch(11, torch.float32)
-    composed = multilevel_ot(student, teacher, s_labels, t_labels, preset=preset, **SMALL)
-    if preset == "official":
-        from mlot_ds.losses import official_spans
+    from mlot_ds.losses import METHODS, LogitSource, TeacherView
+    from mlot_ds.losses.official import OfficialParams
+    from mlot_ds.pairing import ModelBatch
 
-        pairing = official_spans(s_labels, t_labels)
+    student, teacher, s_labels, t_labels = batch(11, torch.float32)
+    if preset == "official":  # its own method: the split goes through the method class
+        composed = official_multilevel_ot(student, teacher, s_labels, t_labels, **SMALL)
+        method = METHODS["official"](OfficialParams(k=SMALL["k"]))
+        ones = torch.ones_like(s_labels)
+        view = TeacherView(
+            position_pairing(s_labels, t_labels),
+            ModelBatch(s_labels, ones, s_labels),
+            ModelBatch(t_labels, torch.ones_like(t_labels), t_labels),
+        )
+        summary = method.teacher(LogitSource(logits=teacher), view, gold=False).reduced
+        del teacher
+        split = method.student(student, summary, view)
+        composed = {name: composed[name] for name in split}
     else:
+        composed = multilevel_ot(student, teacher, s_labels, t_labels, preset=preset, **SMALL)
         pairing = position_pairing(s_labels, t_labels)
-    summary = teacher_summary(teacher, pairing, preset=preset, **SMALL)
-    del teacher  # the student side must not need the teacher's logits
-    split = multilevel_ot_from_summary(student, summary, pairing, preset=preset, **SMALL)
+        summary = teacher_summary(teacher, pairing, preset=preset, **SMALL)
+        del teacher  # the student side must not need the teacher's logits
+        split = multilevel_ot_from_summary(student, summary, pairing, preset=preset, **SMALL)
     for name in composed:
         assert torch.equal(split[name], composed[name]), name
 
@@ -187,8 +202,8 @@ def test_bad_inputs_raise_one_clear_error():
     with pytest.raises(ValueError, match="same preset"):
         summary = teacher_summary(teacher, position_pairing(s_labels, t_labels), **SMALL)
         multilevel_ot_from_summary(student, summary, position_pairing(s_labels, t_labels), k=3)
-    with pytest.raises(ValueError, match="official"):
-        multilevel_ot(student, teacher, s_labels, t_labels, preset="official", pairing=position_pairing(s_labels, t_labels), **SMALL)
+    with pytest.raises(ValueError, match="the official preset is its own method"):
+        multilevel_ot(student, teacher, s_labels, t_labels, preset="official", **SMALL)
 
 
 def test_presets_expose_weights_and_basis():
@@ -200,19 +215,6 @@ def test_presets_expose_weights_and_basis():
     assert {"k", "tau_sl", "tau_sd", "sinkhorn_lambda", "sinkhorn_iters"} <= set(overridable_names())
     with pytest.raises(Exception):
         PRESETS["default"].weights["had"] = 0.0
-
-
-def test_compose():
-    terms_ = {"had": torch.tensor(4.0, requires_grad=True), "sl": torch.tensor(2.0)}
-    loss, logged = compose(terms_, {"had": 0.5, "sl": 2.0}, torch.tensor(4.0))
-    assert loss.item() == pytest.approx(0.5 * 1.0 + 2.0 * 0.5)
-    assert logged == {"had": 1.0, "sl": 0.5, "total": 1.5}
-    loss.backward()
-    assert terms_["had"].grad.item() == pytest.approx(0.125)
-    with pytest.raises(ValueError, match="without a weight"):
-        compose(terms_, {"had": 1.0}, 1)
-    zero, _ = compose({"had": torch.tensor(0.0)}, {"had": 1.0}, 0)
-    assert zero.item() == 0.0
 
 
 def test_non_contiguous_logits_give_the_same_terms_and_gradient():

@@ -9,33 +9,7 @@ import torch
 
 from mlot_ds.losses import masked_ce, mined_kl, multilevel_ot, sinkhorn_plan, uld
 from mlot_ds.pairing import pack_pairs
-
-
-def make_batch(prompt_and_answer, seq_len, vocab, generator, dtype=torch.float64):
-    """Random logits and HF labels: row b has ``prompt`` ignored tokens then ``answer`` labels, then padding."""
-    logits = torch.randn(len(prompt_and_answer), seq_len, vocab, generator=generator, dtype=dtype) * 2
-    labels = torch.full((len(prompt_and_answer), seq_len), -100)
-    for b, (prompt, answer) in enumerate(prompt_and_answer):
-        labels[b, prompt : prompt + answer] = torch.randint(0, vocab, (answer,), generator=generator)
-    return logits, labels
-
-
-def position_pairs(student_labels, teacher_labels):
-    """The position rule, written independently: i-th answer token with i-th answer token."""
-    pairs = []
-    for s_row, t_row in zip(student_labels.tolist(), teacher_labels.tolist()):
-        s_pos = [q - 1 for q, y in enumerate(s_row) if y != -100 and q > 0]
-        t_pos = [q - 1 for q, y in enumerate(t_row) if y != -100 and q > 0]
-        pairs.append(list(zip(s_pos, t_pos)))
-    return pairs
-
-
-def softmax(row, tau):
-    scaled = [x / tau for x in row]
-    top = max(scaled)
-    exps = [math.exp(x - top) for x in scaled]
-    total = sum(exps)
-    return [e / total for e in exps]
+from tests.helpers import CASES, make_batch, position_pairs, reference_sinkhorn_distance, softmax
 
 
 def reference_mlot(student_logits, teacher_logits, pairs, *, k, tau_had=1.0, tau_sl=1.0, tau_sd=2.0, lam=0.1, iters=20):
@@ -60,26 +34,6 @@ def reference_mlot(student_logits, teacher_logits, pairs, *, k, tau_had=1.0, tau
         t_sd, s_sd = truncated(teacher_logits, t_rows, tau_sd), truncated(student_logits, s_rows, tau_sd)
         sd += reference_sinkhorn_distance(t_sd, s_sd, lam, iters)
     return had, sl, sd
-
-
-def reference_sinkhorn_distance(teacher_vectors, student_vectors, lam, iters):
-    """<P, C> with C_ij = L1(t_i, s_j) and P = ``iters`` row-then-column normalisations of exp(-C / lam)."""
-    n = len(teacher_vectors)
-    cost = [[sum(abs(a - c) for a, c in zip(teacher_vectors[i], student_vectors[j])) for j in range(n)] for i in range(n)]
-    plan = [[math.exp(-cost[i][j] / lam) for j in range(n)] for i in range(n)]
-    for _ in range(iters):
-        plan = [[x / sum(row) for x in row] for row in plan]
-        col = [sum(plan[i][j] for i in range(n)) for j in range(n)]
-        plan = [[plan[i][j] / col[j] for j in range(n)] for i in range(n)]
-    return sum(plan[i][j] * cost[i][j] for i in range(n) for j in range(n))
-
-
-CASES = [
-    # (student (prompt, answer) per row, teacher (prompt, answer) per row, Ts, Tt, n, m, k)
-    ([(2, 5)], [(3, 4)], 9, 10, 11, 7, 4),
-    ([(2, 5), (4, 3), (1, 7)], [(3, 6), (2, 2), (5, 4)], 9, 12, 9, 14, 5),
-    ([(3, 2), (1, 6), (2, 4)], [(1, 5), (4, 4), (2, 3)], 8, 9, 16, 6, 6),
-]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mlot_ds.losses import multilevel_ot, multilevel_ot_from_summary, teacher_summary
-from mlot_ds.losses.head import teacher_summary_from_hidden
+from mlot_ds.losses.mlot import teacher_summary_from_hidden
 from mlot_ds.pairing import pack_pairs, position_pairing
-from test_losses_reference import CASES, make_batch, position_pairs, reference_sinkhorn_distance, softmax
+from tests.helpers import CASES, make_batch, position_pairs, reference_sinkhorn_distance, softmax
 
 
 def reference_token_ranked(student_logits, teacher_logits, pairs, *, k, tau_had=1.0, tau_sl=1.0, tau_sd=2.0,

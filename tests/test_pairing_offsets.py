@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
-
 from data_fixtures import BUILDERS, LOSSLESS, UNICODE_SAMPLES
+
 from mlot_ds.data.offsets import _partition_from_char_offsets, response_spans, spans_by_decoding
 from mlot_ds.pairing import offset_groups, offsets_pairs, position_pairing
 from mlot_ds.pairing.surface import token_surface_bytes_cached

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, job_env, tiny_recipe_overrides
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+from tests.helpers import REPO, job_env, tiny_recipe_overrides
+
 
 pytestmark = [pytest.mark.slow]
 

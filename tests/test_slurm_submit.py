@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mlot_ds import slurm
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DEMO = REPO / "mlot_ds" / "recipes" / "demo.yaml"
 ZERO3 = REPO / "ds_configs" / "zero3.json"

@@ -18,10 +18,11 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from mlot_ds.config import LossConfig, TeacherConfig
-from mlot_ds.data.batch import ModelBatch
-from mlot_ds.engine.teacher_loss import TeacherLoss
-from mlot_ds.pairing import position_pairing
+from mlot_ds.config import TeacherConfig
+from mlot_ds.losses import METHODS, MethodContext, TeacherView
+from mlot_ds.losses.mlot import MlotParams
+from mlot_ds.losses.official import OfficialParams
+from mlot_ds.pairing import ModelBatch, position_pairing
 from mlot_ds.teachers import chunked
 from mlot_ds.teachers.pool import Teacher, TeacherPool
 
@@ -59,10 +60,10 @@ def batch():
 
 
 LOSSES = {
-    "mlot-default": LossConfig("mlot", "default", {"k": 9}),
-    "mlot-official": LossConfig("mlot", "official", {"k": 9}),
-    "uld": LossConfig("uld"),
-    "mined": LossConfig("mined"),
+    "mlot-default": ("mlot", MlotParams(k=9)),
+    "mlot-official": ("official", OfficialParams(k=9)),
+    "uld": ("uld", None),
+    "mined": ("mined", None),
 }
 
 
@@ -72,16 +73,17 @@ def test_hidden_path_equals_full_logits(kind, loss):
     model = tiny_model(kind).eval()
     assert chunked.unsupported_reason(model) is None
     student_to_teacher = torch.randint(0, VOCAB, (STUDENT_VOCAB,), generator=torch.Generator().manual_seed(2))
-    teacher_loss = TeacherLoss(LOSSES[loss], student_to_teacher if loss == "mined" else None)
+    name, params = LOSSES[loss]
+    method = METHODS[name](params, None, MethodContext(student_to_teacher=student_to_teacher if loss == "mined" else None))
     inputs = batch()
     student_labels = inputs.labels.clone()
     student_labels[1, 9:] = -100  # fewer student answer tokens: unequal pair counts
-    pairing = teacher_loss.pairing_for(position_pairing(student_labels, inputs.labels), student_labels, inputs.labels)
+    pairing = position_pairing(student_labels, inputs.labels)
+    view = TeacherView(pairing, ModelBatch(inputs.input_ids, inputs.attention_mask, student_labels), inputs)
     config = TeacherConfig(name=kind)
     pool = TeacherPool([Teacher(kind, config, model, "", hidden_path=False),
                         Teacher(kind, config, model, "", hidden_path=True)], torch.device("cpu"))
-    (full, full_gold), (chunk, chunk_gold) = [pool.reduce(t, inputs, pairing, teacher_loss, with_gold_ce=True)
-                                              for t in pool]
+    (full, full_gold), (chunk, chunk_gold) = [pool.run(t, view, method, gold=True) for t in pool]
     if loss.startswith("mlot"):
         assert torch.equal(full.indices, chunk.indices)
         torch.testing.assert_close(chunk.values, full.values)
@@ -89,7 +91,7 @@ def test_hidden_path_equals_full_logits(kind, loss):
         torch.testing.assert_close(chunk, full, rtol=1e-5, atol=1e-5)
         expected_width = len(torch.unique(student_to_teacher)) if loss == "mined" else VOCAB
         assert chunk.shape == (*pairing.mask.shape, expected_width)
-    for key in ("ce", "tokens", "ce_per_sequence", "tokens_per_sequence"):
+    for key in ("ce", "tokens"):
         torch.testing.assert_close(chunk_gold[key], full_gold[key], rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(model.get_output_embeddings())  # restored after the forward
 

@@ -46,7 +46,14 @@ def test_every_member_is_a_complete_safetensors_checkpoint(tiny_zoo):
     assert tuple(paths) == MEMBERS
     for member, path in paths.items():
         assert path == zoo_member_path(member, TINY, cache)
-        for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MEMBER_RECORD):
+        for name in (
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            MEMBER_RECORD,
+        ):
             assert (path / name).is_file(), f"{member}: {name} missing"
         assert not list(path.glob("*.bin")), f"{member}: pickle weights written"
     assert not list(paths["student"].parent.glob(".tmp-*")), "staging folders left behind"
@@ -86,7 +93,11 @@ def test_loads_and_generates_offline_in_a_fresh_process(tiny_zoo, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
     result = subprocess.run(
         [sys.executable, "-c", script, json.dumps({m: str(p) for m, p in paths.items()})],
-        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     generated = json.loads(result.stdout.strip().splitlines()[-1])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from mlot_ds.data.dialogsum import read_records
 from mlot_ds.zoo import MEMBERS, PROFILES, ZooSettings, build_zoo
-from mlot_ds.zoo.corpus import read_records
 from mlot_ds.zoo.tokenizer_training import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,9 @@ def test_concurrent_processes_build_each_member_once(tmp_path):
         """
     )
     workers = [
-        subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outputs = [worker.communicate(timeout=600) for worker in workers]

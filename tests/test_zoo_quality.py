@@ -1,7 +1,7 @@
 """At the real default settings, every teacher beats the student on bits-per-byte by a clear margin.
 
-Builds the default zoo into the user cache (``$MLOT_DS_CACHE`` or ``~/.cache/mlot_ds``), or reuses
-it: the default training job uses the same cache, so whichever runs first pays for the build.
+Builds the default zoo into this test session's cache (``$MLOT_DS_TEST_CACHE`` to reuse one between
+sessions), never into the user's own ``~/.cache/mlot_ds``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mlot_ds.data.dialogsum import read_records, reference_summaries
 from mlot_ds.eval import bits_per_byte
 from mlot_ds.zoo import MEMBERS, TEACHERS, ZooSettings, build_zoo, render_context, render_response, zoo_report_path
-from mlot_ds.zoo.corpus import read_records, reference_summaries
 
 CLEAR_MARGIN = 0.15
 """A teacher's bits-per-byte must be at least this fraction below the student's."""

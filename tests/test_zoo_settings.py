@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from mlot_ds.data.dialogsum import corpus_dir, read_records, reference_summaries
 from mlot_ds.zoo import MEMBERS, PROFILES, ZooSettings, corpus_path, render_context, render_prompt, render_response
-from mlot_ds.zoo.corpus import corpus_dir, read_records, reference_summaries
 
 
 def test_fingerprint_keys_on_resolved_values_only():
@@ -65,7 +65,11 @@ def test_bundled_corpus_has_the_dialogsum_schema():
         assert corpus_path(split).is_file()
         records = read_records(split)
         sizes[split] = len(records)
-        keys = {"fname", "dialogue", "summary1", "summary2", "summary3"} if split == "test" else {"fname", "dialogue", "summary", "topic"}
+        keys = (
+            {"fname", "dialogue", "summary1", "summary2", "summary3"}
+            if split == "test"
+            else {"fname", "dialogue", "summary", "topic"}
+        )
         for record in records:
             assert keys <= set(record), (split, record.get("fname"))
             assert record["fname"].startswith(f"{split}_")

@@ -21,7 +21,9 @@ def tokenizer():
     vocab = {token: index for index, token in enumerate(SPECIALS + ALPHABET)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def ids(tokenizer, text):
@@ -30,7 +32,20 @@ def ids(tokenizer, text):
 
 def test_pretraining_packs_documents_with_bos_and_eos(tokenizer):
     documents = ["abc", "de", "fghij", "k"]
-    stream = [BOS, *ids(tokenizer, "abc"), EOS, BOS, *ids(tokenizer, "de"), EOS, BOS, *ids(tokenizer, "fghij"), EOS, BOS, *ids(tokenizer, "k"), EOS]
+    stream = [
+        BOS,
+        *ids(tokenizer, "abc"),
+        EOS,
+        BOS,
+        *ids(tokenizer, "de"),
+        EOS,
+        BOS,
+        *ids(tokenizer, "fghij"),
+        EOS,
+        BOS,
+        *ids(tokenizer, "k"),
+        EOS,
+    ]
     assert len(stream) // 4 == 4  # four full blocks, the last three tokens dropped
     batches = pretraining_batches(tokenizer, documents, block_length=4, batch_size=2, seed=0)
     one_epoch = [tuple(row.tolist()) for batch in itertools.islice(batches, 2) for row in batch["input_ids"]]

@@ -2,6 +2,7 @@
 
     python tools/build_zoo.py                      # default profile into the user cache, prints report
     python tools/build_zoo.py --profile tiny --cache-dir /tmp/zoo
+    python tools/build_zoo.py --members student-wide,student-smol   # only these (on-demand students too)
     python tools/build_zoo.py --make-corpus        # maintainers only: re-sample ../shared/data/dialogsum
 
 ``--make-corpus`` is run once by maintainers and its output committed; the runtime build never reads
@@ -20,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlot_ds.zoo.corpus import CORPUS_FILES, corpus_dir  # noqa: E402
+from mlot_ds.data.dialogsum import CORPUS_FILES, corpus_dir  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "dialogsum"
 SAMPLE_SEED = 20210601
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $MLOT_DS_CACHE or ~/.cache/mlot_ds")
     parser.add_argument("--workers", type=int, default=None, help="members built at once (default: one per CPU)")
+    parser.add_argument("--members", default=None, help="comma list of members to build (default: the core zoo); "
+                        "on-demand: student-wide, student-smol")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -68,29 +71,40 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from mlot_ds.errors import BadInput
-    from mlot_ds.zoo import ZooSettings, build_zoo, zoo_report_path
+    from mlot_ds.zoo import ON_DEMAND, ZooSettings, build_zoo, zoo_report_path
+    from mlot_ds.zoo.build import MEMBER_RECORD
 
     settings = ZooSettings(profile=args.profile, seed=args.seed)
+    names = [name.strip() for name in args.members.split(",") if name.strip()] if args.members else None
     try:
-        members = build_zoo(settings, cache_dir=args.cache_dir, progress=not args.no_progress, workers=args.workers)
-    except BadInput as exc:
+        members = build_zoo(settings, cache_dir=args.cache_dir, progress=not args.no_progress, workers=args.workers,
+                            members=names)
+    except (BadInput, ValueError) as exc:  # ValueError: an unknown member name
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report_file = zoo_report_path(settings, args.cache_dir)
-    report = json.loads(report_file.read_text())
-    print(f"{'member':<14} {'architecture':<18} {'tokenizer':<18} {'vocab tok/model':>15} {'params':>9} {'bpb':>7} {'build s':>8}")
+    print(
+        f"{'member':<14} {'architecture':<18} {'tokenizer':<18} {'vocab tok/model':>15} {'params':>9} {'bpb':>7} {'build s':>8}"
+    )
     for name, path in members.items():
-        record = report["members"][name]
+        record = json.loads((path / MEMBER_RECORD).read_text())
         vocab = f"{record['tokenizer_vocab']}/{record['model_vocab']}"
         print(
             f"{name:<14} {record['architecture']:<18} {record['tokenizer_class']:<18} {vocab:>15} "
             f"{record['parameters']:>9,} {record['bits_per_byte']:>7.3f} {record['build_seconds']:>8.1f}"
         )
-    print(f"untrained student: {report['student_untrained_bits_per_byte']:.3f} bpb")
-    margins = ", ".join(f"{t} {m:.1%}" for t, m in report["teacher_margin_over_student"].items())
-    print(f"teachers below the student's bits-per-byte by: {margins}")
-    print(f"whole build: {report['build_wall_seconds']} s wall (None = reused)")
-    print(f"zoo: {report_file.parent}\nreport: {report_file}")
+        if "untrained_bits_per_byte" in record:
+            print(f"{'':<14} untrained: {record['untrained_bits_per_byte']:.3f} bpb")
+    report_file = zoo_report_path(settings, args.cache_dir)
+    if report_file.is_file() and any(name not in ON_DEMAND for name in members):
+        report = json.loads(report_file.read_text())
+        margins = ", ".join(f"{t} {m:.1%}" for t, m in report.get("teacher_margin_over_student", {}).items())
+        if margins:
+            print(f"teachers below the student's bits-per-byte by: {margins}")
+        print(f"core zoo build: {report['build_wall_seconds']} s wall (None = reused)")
+        print(f"zoo: {report_file.parent}\nreport: {report_file}")
+    for name in members:
+        if name in ON_DEMAND:
+            print(f"{name}: {members[name]}\nreport: {zoo_report_path(settings, args.cache_dir, name)}")
     return 0
 
 

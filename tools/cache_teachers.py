@@ -27,6 +27,25 @@ import sys
 import time
 from pathlib import Path
 
+from mlot_ds.engine.signals import install_stop_handlers
+
+install_stop_handlers()  # before the slow imports below: a signal while torch loads must not kill us
+
+import deepspeed  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mlot_ds import dist  # noqa: E402
+from mlot_ds.config import RecipeError, load_recipe  # noqa: E402
+from mlot_ds.data.sampler import FILLER  # noqa: E402
+from mlot_ds.engine.ds_config import read_ds_config, student_ds_config  # noqa: E402
+from mlot_ds.engine.setup import prepare_inputs  # noqa: E402
+from mlot_ds.engine.trainer import teacher_view  # noqa: E402
+from mlot_ds.errors import BadInput  # noqa: E402
+from mlot_ds.teachers import cache  # noqa: E402
+from mlot_ds.teachers.pool import TeacherPool  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,70 +57,65 @@ def parse_args(argv):
     parser.add_argument("--teachers", default=None, help="comma-separated teacher names (default: every teacher)")
     parser.add_argument("--chunk-records", type=int, default=256, help="records per chunk file (default 256)")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the recipe's train.micro_batch_size")
-    parser.add_argument("--uld-head", type=int, default=1024, help="ULD teachers: sorted probabilities kept per "
-                        "token, the rest stored as one tail mass (default 1024; >= the vocabulary size is exact)")
     parser.add_argument("--max-chunks", type=int, default=None, help="build at most this many chunks per teacher in "
                         "this run (e.g. to split a build over jobs); run again to continue")
     parser.add_argument("--overwrite", action="store_true", help="delete a cache built for another setup and rebuild it")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
     args = parser.parse_args(argv)
-    for name in ("chunk_records", "uld_head"):
+    for name in ("chunk_records",):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
 
-def build_one(pool, teacher, data, teacher_loss, folder: Path, manifest: dict, args, micro_batch_size: int) -> int:
-    """Collective: build the missing chunks of one teacher's cache; returns the chunks built by all ranks."""
-    import numpy as np
-    from tqdm import tqdm
-
-    from mlot_ds import dist
-    from mlot_ds.data.sampler import FILLER
-    from mlot_ds.teachers import cache
-
+def build_group(pool, teacher, data, members: list, args, micro_batch_size: int) -> dict[str, int]:
+    """Collective: build the missing chunks of every cache in ``members`` (``(name, method, folder)``
+    of teachers that read the same model and the same text), one teacher forward per micro-batch for
+    all of them. Returns the chunks built per member, by all ranks."""
     total, per_chunk = data.num_records, args.chunk_records
     sizes = [min(per_chunk, total - start) for start in range(0, total, per_chunk)]
-    pending = cache.pending_chunks(folder, len(sizes), args.max_chunks)
+    pending = {name: set(cache.pending_chunks(folder, len(sizes), args.max_chunks)) for name, _, folder in members}
+    union = sorted(set().union(*pending.values()))
     # Within a chunk, records of similar teacher length share a micro-batch (little padding).
     lengths = data.column(teacher.name, "prompt_length") + data.column(teacher.name, "response_length")
     filler = np.full(micro_batch_size, FILLER)
-    schedule = list(cache.rounds(pending, sizes, micro_batch_size, dist.world_size()))
-    bar = tqdm(total=len(pending), desc=f"caching {teacher.name}", unit="chunk", disable=not dist.is_rank0())
-    for group, forwards in schedule:
+    label = ", ".join(name for name, _, _ in members)
+    bar = tqdm(total=len(union), desc=f"caching {label}", unit="chunk", disable=not dist.is_rank0())
+    for group, forwards in cache.rounds(union, sizes, micro_batch_size, dist.world_size()):
         mine = group[dist.rank()]
         positions = np.arange(mine * per_chunk, mine * per_chunk + sizes[mine]) if mine is not None else filler[:0]
         positions = positions[np.argsort(-lengths[positions], kind="stable")]
-        parts = []
+        parts = {name: [] for name, _, _ in members}
         for step in range(forwards):  # the same number of forwards on every rank
             chunk_positions = positions[step * micro_batch_size : (step + 1) * micro_batch_size]
             batch = data.collate(chunk_positions if len(chunk_positions) else filler, 0).to(pool.device)
-            inputs = batch.teachers[teacher.name]
-            pairing = teacher_loss.pairing_for(batch.pairings[teacher.name], batch.student.labels, inputs.labels)
-            reduced, gold = pool.reduce(teacher, inputs, pairing, teacher_loss, with_gold_ce=True)
+            views = [(teacher_view(batch, name), method) for name, method, _ in members]
+            outputs = pool.run_shared(teacher, views, gold=True)
             if len(chunk_positions):
-                digests = cache.record_digests(inputs.input_ids, inputs.attention_mask, pairing)
-                parts.append(cache.chunk_tensors(manifest["binding"]["loss"]["kind"], reduced, gold, pairing,
-                                                 batch.record_ids, digests, args.uld_head))
-            del reduced
-        if parts:
-            cache.write_chunk(folder, mine, parts)
+                for (name, method, _), (view, _), output in zip(members, views, outputs):
+                    if mine in pending[name]:
+                        parts[name].append(cache.chunk_tensors(method, output, view, batch.record_ids))
+            del outputs
+        for name, _, folder in members:
+            if parts[name]:
+                cache.write_chunk(folder, mine, parts[name])
         bar.update(sum(c is not None for c in group))
     bar.close()
     dist.barrier()
-    return len(pending)
+    return {name: len(chunks) for name, chunks in pending.items()}
+
+
+def shared_model_key(config) -> tuple:
+    """Teachers with the same key read the same model and the same tokens: one forward serves them all."""
+    template = (config.template.kind, config.template.system, config.template.few_shot)
+    return (config.model, config.tokenizer or config.model, template, config.append_eos, config.dtype,
+            config.placement, config.chunked_logits, config.trust_remote_code)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mlot_ds import dist
-    from mlot_ds.config import RecipeError, load_recipe
-    from mlot_ds.engine.ds_config import read_ds_config, student_ds_config
-    from mlot_ds.errors import BadInput
-
     dist.map_slurm_environment()
-    bad_input = BadInput
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         ds_template = read_ds_config(args.config)
@@ -110,54 +124,53 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(wanted) - set(names))
         if unknown:
             raise RecipeError(f"--teachers: no teacher named {', '.join(unknown)} (the recipe has {', '.join(names)})")
-    except bad_input as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except BadInput as exc:
+        if dist.is_rank0():
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import deepspeed
-    import torch
-
-    from mlot_ds.engine.setup import prepare_inputs
-    from mlot_ds.engine.teacher_loss import TeacherLoss
-    from mlot_ds.teachers import cache
-    from mlot_ds.teachers.pool import TeacherPool
-
-    from mlot_ds.engine.trainer import quiet_deepspeed_deprecations
-
-    quiet_deepspeed_deprecations()
     dist.init(recipe.train.dist_timeout_s)
     started = time.time()
     try:
-        inputs = prepare_inputs(recipe)
+        inputs = prepare_inputs(recipe, check_run_paths=False)
         device = torch.device(deepspeed.get_accelerator().current_device_name())
         micro_batch_size = args.micro_batch_size or recipe.train.micro_batch_size
         ds_config = student_ds_config(ds_template, recipe, dist.world_size(), 1, device, source=args.config)
+        groups: dict[tuple, list] = {}
         for index, config in enumerate(recipe.teachers):
             if config.name not in wanted:
                 continue
             where = f"teachers[{index}]"
             data = inputs.data
-            teacher_loss = TeacherLoss(config.loss, data.vocab_maps.get(config.name) if config.loss.kind == "mined" else None)
+            method = inputs.methods[config.name]
+            problem = method.cache_problem(config.loss.params)
+            if problem:
+                raise RecipeError(f"{where}.loss: {config.name!r} cannot be cached: {problem}")
             model_dir = inputs.teachers[index].model
             manifest = {
                 "format": cache.FORMAT_VERSION, "teacher": config.name, "model": str(model_dir),
                 "binding": cache.binding(recipe, index, model_dir, inputs.teacher_tokenizers[config.name],
-                                         inputs.student_tokenizer, teacher_loss),
+                                         inputs.student_tokenizer, method),
                 "num_records": data.num_records, "chunk_records": args.chunk_records,
                 "num_chunks": -(-data.num_records // args.chunk_records),
-                "uld_head": args.uld_head if config.loss.kind == "uld" else None,
                 "dtype": str(config.dtype),
             }
-            folder = cache.cache_folder(recipe, index)
+            folder = recipe.paths().teacher_caches[config.name]
             cache.prepare_folder(folder, manifest, where, args.overwrite)
+            groups.setdefault(shared_model_key(config), []).append((index, config, method, folder, manifest))
+        for members in groups.values():
+            index, config = members[0][0], members[0][1]
+            model_dir = inputs.teachers[index].model
             live = dataclasses.replace(config, source="live")
             pool = TeacherPool.load([live], [str(model_dir)], ds_config, micro_batch_size, device)
-            built = build_one(pool, pool.teachers[0], data, teacher_loss, folder, manifest, args, micro_batch_size)
-            left = len(cache.pending_chunks(folder, manifest["num_chunks"], None))
-            dist.print0(f"{config.name}: built {built} chunk(s), {left} left, in {folder}")
+            built = build_group(pool, pool.teachers[0], inputs.data, [(c.name, m, f) for _, c, m, f, _ in members], args,
+                                micro_batch_size)
+            for _, member, _, folder, manifest in members:
+                left = len(cache.pending_chunks(folder, manifest["num_chunks"], None))
+                dist.print0(f"{member.name}: built {built[member.name]} chunk(s), {left} left, in {folder}")
             del pool
             gc.collect()
-    except bad_input as exc:
+    except BadInput as exc:
         dist.fail(str(exc))
     dist.print0(f"done in {(time.time() - started) / 60:.1f} min")
     dist.barrier()

@@ -5,8 +5,10 @@
     python tools/evaluate.py runs/demo/checkpoints --adapter dialogsum --path dialogsum.test.jsonl --limit 50
     python tools/evaluate.py ~/.cache/mlot_ds/zoo/<hash>/teacher-llama --adapter dialogsum --path builtin:dialogsum/test
 
-MODEL_OR_CHECKPOINT is a folder with ``config.json`` (a model, a teacher works too), a ``step_N``
-checkpoint folder, or a ``checkpoints`` folder (its newest complete checkpoint). A checkpoint's
+MODEL_OR_CHECKPOINT is a folder with ``config.json`` (a model, a teacher works too), a ``.gguf``
+file (or a folder holding one) or a packaged model such as ``zoo:smollm2-135m-instruct`` (converted
+once into the cache), a ``step_N`` checkpoint folder, or a ``checkpoints`` folder (its newest
+complete checkpoint). A checkpoint's
 ZeRO-3 shards are consolidated in memory, as ``tools/export_hf.py`` does, and its recipe supplies
 the student's tokenizer, template and EOS setting.
 
@@ -58,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from mlot_ds import outputs
     from mlot_ds.errors import BadInput
-    from mlot_ds.eval.report import load_data, load_model
+    from mlot_ds.engine.models import load_data, load_model
 
     try:
         if args.out:  # before the model is loaded: a refused path costs nothing
             outputs.check_file(args.out, "--out", outputs.json_written_by(WRITTEN_BY), "report")
         records = load_data(args.adapter, args.path, args.limit)
-        loaded = load_model(Path(args.model).expanduser(), args.device)
+        loaded = load_model(args.model, args.device)
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = {
         "written_by": WRITTEN_BY,
-        "model": str(Path(args.model).resolve()),
+        "model": args.model if args.model.startswith("zoo:") else str(Path(args.model).expanduser().resolve()),
+        "model_folder": str(Path(loaded["folder"]).resolve()),
         "source": loaded["source"],
         "adapter": args.adapter,
         "path": args.path,

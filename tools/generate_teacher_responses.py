@@ -27,7 +27,8 @@ WRITTEN_BY = "mlot-ds tools/generate_teacher_responses.py"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the teacher's Hugging Face folder (model + tokenizer)")
+    parser.add_argument("--model", required=True, help="the teacher's Hugging Face folder (model + tokenizer), a "
+                        ".gguf file, or a packaged zoo:<name> (converted once into the cache)")
     parser.add_argument("--adapter", required=True, choices=("dialogsum", "qed", "fairytaleqa", "jsonl"))
     parser.add_argument("--path", required=True, help="data file or folder, or builtin:dialogsum/<split>")
     parser.add_argument("--out", required=True, help="output .jsonl (written atomically)")
@@ -44,16 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     from mlot_ds.data import Template, prompt_token_ids
     from mlot_ds.errors import BadInput
     from mlot_ds.eval import greedy_generate
-    from mlot_ds.eval.report import load_data, load_model
+    from mlot_ds.engine.models import load_data, load_model, model_folder
+    from mlot_ds.zoo import names_gguf
 
     started = time.perf_counter()
-    folder = Path(args.model).expanduser()
-    if not (folder / "config.json").is_file():
-        print(f"error: --model {folder}: not a Hugging Face model folder (no config.json)", file=sys.stderr)
+    given = Path(args.model).expanduser()
+    if not args.model.startswith("zoo:") and not names_gguf(given) and not (given / "config.json").is_file():
+        print(f"error: --model {given}: not a Hugging Face model folder (no config.json) nor a .gguf file",
+              file=sys.stderr)
         return 2
     try:
         out = outputs.check_file(args.out, "--out", outputs.jsonl_written_by(WRITTEN_BY), "generated dataset")
         records = load_data(args.adapter, args.path, args.limit)
+        folder = model_folder(args.model, "--model")  # a GGUF file: converted once, then read from the cache
         loaded = load_model(folder, args.device)
         template = Template(kind=args.template)
         prompt_ids = [prompt_token_ids(template, loaded["tokenizer"], r.prompt, model=str(folder)) for r in records]
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     responses = greedy_generate(loaded["model"], loaded["tokenizer"], prompt_ids, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, device=args.device,
                                 max_length=args.max_length or loaded["max_length"], progress=True,
-                                description=f"generate ({folder.name})")
+                                description=f"generate ({given.name})")
     lines, empty = [], 0
     for record, response in zip(records, responses):
         if not response:

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         mapping = data.vocab_maps.get("teacher")
         for s_row, t_row in rows:
             s_token, t_token = s_row + 1 - s_first, t_row + 1 - t_first
-            line = f"  rows {s_row:>5} -> {t_row:<5} {_quoted(s_show[min(s_token, len(s_ids))]):<18} {_quoted(t_show[min(t_token, len(t_ids))])}"
+            s_text, t_text = _quoted(s_show[min(s_token, len(s_ids))]), _quoted(t_show[min(t_token, len(t_ids))])
+            line = f"  rows {s_row:>5} -> {t_row:<5} {s_text:<18} {t_text}"
             if mapping is not None and s_token < len(s_ids):
                 mapped = token_display_strings(teacher_tokenizer, [int(mapping[s_ids[s_token]])])[0]
                 line += f"   (MinED map: {_quoted(mapped)})"

@@ -35,8 +35,11 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import reproduce_real  # noqa: E402  (tools/ is not a package)
+
 TEACHER_MEMBERS = {"llama": "teacher-llama", "qwen": "teacher-qwen", "opt": "teacher-opt"}
-PAIRING_BY_LOSS = {"mlot": "offsets", "uld": "position", "mined": "dtw"}
+PAIRING_BY_LOSS = {"mlot": "offsets", "official": "position", "uld": "position", "mined": "dtw"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ METHODS = {
     "mined": Method("MinED", loss="mined"),
     "uld": Method("ULD", loss="uld"),
     "mlot-paper": Method("MLOT (paper)", preset="paper"),
-    "mlot-official": Method("MLOT (official)", preset="official"),
+    "mlot-official": Method("MLOT (official)", loss="official"),
     "mlot-default": Method("MLOT (default)"),
     "mlot-3t-static": Method("MLOT 3 teachers, static", teachers=tuple(TEACHER_MEMBERS)),
     "mlot-3t-dynamic": Method("MLOT 3 teachers, dynamic", teachers=tuple(TEACHER_MEMBERS), weighting="dynamic"),
@@ -112,11 +115,13 @@ def parse_args(argv):
     parser.add_argument("--eval-limit", type=int, default=None, help="test records evaluated (of 100)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=384)
-    parser.add_argument("--teacher", choices=tuple(TEACHER_MEMBERS), default="llama",
-                        help="the teacher of single-teacher methods and of the generated (unlabeled) data")
+    parser.add_argument("--teacher", choices=(*TEACHER_MEMBERS, "smollm2"), default="llama",
+                        help="the teacher of single-teacher methods and of the generated (unlabeled) data; smollm2: the "
+                             "real pretrained teacher with its two students (tools/reproduce_real.py; the real extra)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint "
                         "(for tools/evaluate.py); by default only recipes, logs and metrics are kept")
     parser.add_argument("--methods", default=None, help="comma list of setting/method, e.g. labeled/sft,unlabeled/uld")
+    reproduce_real.add_arguments(parser)
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"profile": "tiny" if quick else "default", "seeds": 1 if quick else 3, "steps": 3 if quick else 120,
@@ -124,7 +129,8 @@ def parse_args(argv):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.name = args.name or ("quick" if quick else f"dialogsum-{args.profile}" + ("-ablation" if args.ablation else ""))
+    args.name = args.name or ("quick" if quick else "dialogsum-smollm2" if args.teacher == "smollm2" else
+                              f"dialogsum-{args.profile}" + ("-ablation" if args.ablation else ""))
     args.train_records = args.train_records or args.steps * args.micro_batch
     if args.methods:
         plan: dict[str, list[str]] = {}
@@ -154,14 +160,15 @@ def recipe_for(args, setting: str, key: str, seed: int, data_paths: dict, out: P
     members = PROFILES[args.profile].members
     for name in names:
         # CE only: ULD is the cheapest loss to run at weight 0 (every teacher still runs its forward).
-        loss = {"kind": "uld" if method.ce_only else method.loss, "preset": method.preset}
+        kind = "uld" if method.ce_only else method.loss
+        loss = {"kind": kind, **({"preset": method.preset} if kind == "mlot" else {})}
         if method.ce_only:
             loss["weights"] = {"uld": 0.0}
         if method.weights:
             loss["weights"] = dict(method.weights)
         if method.overrides:
             smaller = min(members["student"].vocab_size, members[TEACHER_MEMBERS[name]].vocab_size)
-            loss["overrides"] = {key: smaller if value == FULL_K else value for key, value in method.overrides}
+            loss.update({key: smaller if value == FULL_K else value for key, value in method.overrides})
         teachers.append({"name": name, "model": f"zoo:{TEACHER_MEMBERS[name]}", "pairing": PAIRING_BY_LOSS[loss["kind"]],
                          "loss": loss, "weight": 1.0, "placement": "shard"})
     raw["name"] = f"{setting}-{key}-s{seed}"
@@ -214,7 +221,7 @@ def train_and_evaluate(args, setting: str, key: str, seed: int, data_paths: dict
 def evaluate_folder(args, folder: Path, records, label: str) -> dict:
     from mlot_ds.data import Template
     from mlot_ds.eval import evaluate_records
-    from mlot_ds.eval.report import load_model
+    from mlot_ds.engine.models import load_model
 
     started = time.perf_counter()
     loaded = load_model(folder, "cpu")
@@ -242,6 +249,8 @@ def generate_teacher_data(args, teacher_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.teacher == "smollm2":
+        return reproduce_real.main(args)
     started = time.time()
     load_before = os.getloadavg()
     from mlot_ds import dist
@@ -261,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     data_paths = {"gold": {"adapter": "dialogsum", "path": "builtin:dialogsum/train", "limit": args.train_records}}
     needs_teacher_data = "unlabeled" in args.plan or any(METHODS[m].data == "teacher" for ms in args.plan.values() for m in ms)
     if needs_teacher_data:
-        data_paths["teacher"] = {"adapter": "jsonl", "path": str(generate_teacher_data(args, members[TEACHER_MEMBERS[args.teacher]]))}
+        generated = generate_teacher_data(args, members[TEACHER_MEMBERS[args.teacher]])
+        data_paths["teacher"] = {"adapter": "jsonl", "path": str(generated)}
     # One process group for the whole sweep: cli.main would destroy it after each job, and DeepSpeed
     # keeps groups derived from the first one, so a second job in this process would fail.
     dist.init(600)
@@ -272,15 +282,28 @@ def main(argv: list[str] | None = None) -> int:
             row = train_and_evaluate(args, setting, key, seed, data_paths)
             rows.append(row)
             shown = "  ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("eval/"))
-            print(f"[{index}/{len(jobs)}] {setting}/{key} seed {seed}: exit {row['exit']}  {shown}  "
-                  f"({row['seconds']:.0f} s, {(time.time() - started) / 60:.1f} min so far)", flush=True)
+            print(
+                f"[{index}/{len(jobs)}] {setting}/{key} seed {seed}: exit {row['exit']}  {shown}  "
+                f"({row['seconds']:.0f} s, {(time.time() - started) / 60:.1f} min so far)",
+                flush=True,
+            )
     finally:
         dist.destroy = destroy
         destroy()
-    command = "python tools/reproduce.py" + ("" if argv is None and len(sys.argv) < 2 else " " + shlex.join(argv if argv is not None else sys.argv[1:]))
-    run = {"name": args.name, "command": command, "scale": scale_of(args, members), "rows": rows,
-           "wall_minutes": (time.time() - started) / 60, "load_average": {"start": load_before, "end": os.getloadavg()},
-           "plan": args.plan, "teacher": args.teacher, "methods": {k: METHODS[k].label for k in METHODS}}
+    command = "python tools/reproduce.py" + (
+        "" if argv is None and len(sys.argv) < 2 else " " + shlex.join(argv if argv is not None else sys.argv[1:])
+    )
+    run = {
+        "name": args.name,
+        "command": command,
+        "scale": scale_of(args, members),
+        "rows": rows,
+        "wall_minutes": (time.time() - started) / 60,
+        "load_average": {"start": load_before, "end": os.getloadavg()},
+        "plan": args.plan,
+        "teacher": args.teacher,
+        "methods": {k: METHODS[k].label for k in METHODS},
+    }
     paths = write_report(Path(args.out_dir), run)
     print("wrote " + ", ".join(str(p) for p in paths))
     failed = [r for r in rows if r["exit"] != 0]
@@ -294,10 +317,22 @@ def scale_of(args, members) -> dict:
 
     profile = PROFILES[args.profile]
     fingerprint = ZooSettings(profile=args.profile, seed=0).fingerprint()
-    return {"zoo_profile": args.profile, "zoo_fingerprint": fingerprint, "zoo_members": {name: dataclasses.asdict(spec) for name, spec in profile.members.items()},
-            "seeds": args.seeds, "steps": args.steps, "micro_batch": args.micro_batch, "lr": args.lr,
-            "train_records": args.train_records, "eval_records": args.eval_limit, "max_new_tokens": args.max_new_tokens,
-            "max_length": args.max_length, "teacher": args.teacher, "world_size": 1, "device": "cpu"}
+    return {
+        "zoo_profile": args.profile,
+        "zoo_fingerprint": fingerprint,
+        "zoo_members": {name: dataclasses.asdict(spec) for name, spec in profile.members.items()},
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "micro_batch": args.micro_batch,
+        "lr": args.lr,
+        "train_records": args.train_records,
+        "eval_records": args.eval_limit,
+        "max_new_tokens": args.max_new_tokens,
+        "max_length": args.max_length,
+        "teacher": args.teacher,
+        "world_size": 1,
+        "device": "cpu",
+    }
 
 
 if __name__ == "__main__":

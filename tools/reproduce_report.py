@@ -151,7 +151,7 @@ def chart_panels(run: dict, summary: dict):
 
     labels = run["methods"]
     panels = []
-    for metric, title in ((ROUGE, "ROUGE-LSUM, LABELED (HIGHER IS BETTER)"), (BPB, "BITS PER BYTE, LABELED (LOWER IS BETTER)")):
+    for metric, title in ((ROUGE, "ROUGE-LSum, labeled (higher is better)"), (BPB, "Bits per byte, labeled (lower is better)")):
         bars = []
         for (setting, key), stats in summary.items():
             if metric not in stats or setting not in ("reference", "labeled"):
@@ -164,7 +164,7 @@ def chart_panels(run: dict, summary: dict):
     bars = [Bar(_chart_label(labels, key), mean, spread or 0.0, 1 if key.startswith(("mlot", "ablation")) else 0)
             for (setting, key), (mean, spread, _) in paired_differences(run["rows"], BPB).items() if setting == "labeled"]
     if bars:
-        panels.append(Panel("BITS PER BYTE MINUS SFT, SAME SEED (BELOW 0 IS BETTER)", bars, decimals=4))
+        panels.append(Panel("Bits per byte minus SFT, same seed (below 0 is better)", bars, decimals=4))
     return panels
 
 

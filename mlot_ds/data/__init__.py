@@ -10,37 +10,34 @@ Typical use (the engine does this)::
     for batch in data.micro_batches(epoch=0, step=0): ...
 """
 
-import importlib
+from mlot_ds.data.batch import Batch
+from mlot_ds.data.pipeline import DistillationData, ModelSide
+from mlot_ds.data.records import Record, RecordSet, load_records
+from mlot_ds.data.sources import DataError, resolve_data_path
+from mlot_ds.data.templates import Template, prompt_token_ids, render_prompt
+from mlot_ds.data.tokenize import (
+    PromptResponse,
+    encode_prompt_response,
+    encode_prompt_responses,
+)
+from mlot_ds.data.tokenizer import load_tokenizer
+from mlot_ds.pairing.types import ModelBatch
 
-# Public name -> module. Imported on first use, so that reading records (tools/preview_data.py)
-# does not pay for torch, transformers and datasets.
-_EXPORTS = {
-    "Batch": "batch",
-    "ModelBatch": "batch",
-    "DistillationData": "pipeline",
-    "ModelSide": "pipeline",
-    "Record": "records",
-    "RecordSet": "records",
-    "load_records": "records",
-    "DataError": "sources",
-    "Template": "templates",
-    "prompt_token_ids": "templates",
-    "render_prompt": "templates",
-    "load_tokenizer": "tokenizer",
-    "PromptResponse": "tokenize",
-    "encode_prompt_response": "tokenize",
-    "encode_prompt_responses": "tokenize",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mlot_ds.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mlot_ds.data.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__all__ = [
+    "Batch",
+    "DataError",
+    "DistillationData",
+    "ModelBatch",
+    "ModelSide",
+    "PromptResponse",
+    "Record",
+    "RecordSet",
+    "Template",
+    "encode_prompt_response",
+    "encode_prompt_responses",
+    "load_records",
+    "load_tokenizer",
+    "prompt_token_ids",
+    "render_prompt",
+    "resolve_data_path",
+]

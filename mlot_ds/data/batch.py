@@ -1,31 +1,16 @@
-"""The tensors of one micro-batch, per model, plus the pairing of each teacher with the student."""
+"""The tensors of one micro-batch, per model, plus the pairing of each teacher with the student.
+
+:class:`ModelBatch` (one model's tensors) lives in :mod:`mlot_ds.pairing.types`, the contract the
+data pipeline, the losses and the engine share.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from mlot_ds.pairing.types import Pairing
-
-
-@dataclass
-class ModelBatch:
-    """One model's view of a micro-batch (right-padded).
-
-    Attributes:
-        input_ids: ``[B, T]`` long: rendered prompt, response, and EOS when appended.
-        attention_mask: ``[B, T]`` long, 1 on real tokens.
-        labels: ``[B, T]`` long, Hugging Face (unshifted) convention: the response ids and the
-            final EOS, ``-100`` everywhere else (prompt, padding, and whole filler rows).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    def to(self, device: torch.device | str) -> "ModelBatch":
-        return ModelBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+from mlot_ds.pairing.types import ModelBatch, Pairing
 
 
 @dataclass
@@ -38,12 +23,18 @@ class Batch:
         pairings: teacher name -> :class:`Pairing` of student and teacher logit rows.
         record_ids: ``[B]`` long, ``Record.id`` of each row, ``-1`` for filler rows (copies of
             a real record with no labels and no pairs, so that every rank runs every forward).
+        groups: teacher name -> ``(student_stop [B, P], teacher_stop [B, P])``, the exclusive end
+            row of each pair's offsets group (teachers whose method reads groups).
+        overlaps: teacher name -> ``(lo [B, Ns], hi [B, Ns], mask [B, Ns])``, per student response
+            token the teacher response tokens overlapping its bytes (methods that read overlaps).
     """
 
     student: ModelBatch
     teachers: dict[str, ModelBatch]
     pairings: dict[str, Pairing]
     record_ids: torch.Tensor
+    groups: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    overlaps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(
@@ -51,4 +42,6 @@ class Batch:
             {name: batch.to(device) for name, batch in self.teachers.items()},
             {name: pairing.to(device) for name, pairing in self.pairings.items()},
             self.record_ids.to(device),
+            {name: tuple(t.to(device) for t in value) for name, value in self.groups.items()},
+            {name: tuple(t.to(device) for t in value) for name, value in self.overlaps.items()},
         )

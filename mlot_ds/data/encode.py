@@ -36,11 +36,15 @@ from mlot_ds.data.records import Record
 from mlot_ds.data.templates import Template, render_prompt
 from mlot_ds.data.tokenize import decodes_to_response, encode_prompt_responses
 from mlot_ds.pairing.dtw import dtw_pairs
-from mlot_ds.pairing.offsets import offsets_pairs
-from mlot_ds.pairing.surface import leading_special_ids, token_surface_bytes_cached, tokenizer_fingerprint
+from mlot_ds.pairing.offsets import offset_groups
+from mlot_ds.pairing.surface import (
+    leading_special_ids,
+    token_surface_bytes_cached,
+    tokenizer_fingerprint,
+)
 
 ENCODE_FORMAT_VERSION = 3  # 3: prompt + response tokenized in one text; non-whitespace offset gaps go to the token before
-PAIRS_FORMAT_VERSION = 3
+PAIRS_FORMAT_VERSION = 4
 MAP_BATCH_SIZE = 256
 
 
@@ -73,7 +77,8 @@ ENCODED_FEATURES = datasets.Features({
     "offsets_method": datasets.Value("string"), "tokenization": datasets.Value("string"),
     "decodes_back": datasets.Value("bool"),
 })
-PAIR_FEATURES = datasets.Features({"pair_student": _IDS, "pair_teacher": _IDS})
+PAIR_FEATURES = datasets.Features({"pair_student": _IDS, "pair_teacher": _IDS,
+                                   "stop_student": _IDS, "stop_teacher": _IDS})
 
 
 def _run_map(dataset: datasets.Dataset, function, fingerprint: str, cache_dir: Path | None, label: str, progress: bool,
@@ -203,7 +208,9 @@ def pair_responses(
     cache_dir: Path | None,
     progress: bool,
 ) -> datasets.Dataset:
-    """Response-token pairs ``(pair_student[k], pair_teacher[k])`` of every record, by ``rule``.
+    """Response-token pairs ``(pair_student[k], pair_teacher[k])`` of every record, by ``rule``, and
+    the exclusive end ``(stop_student[k], stop_teacher[k])`` of each pair's group (offsets: the
+    tokens that spell the same bytes; 1:1 rules: the next token).
 
     ``rule`` is ``"offsets"`` (:func:`~mlot_ds.pairing.offsets.offsets_pairs`) or ``"dtw"``
     (:func:`~mlot_ds.pairing.dtw.dtw_pairs`). Indices point into each side's response tokens
@@ -225,24 +232,22 @@ def pair_responses(
     same_tokenizer = tokenizer_fingerprint(student_tokenizer) == tokenizer_fingerprint(teacher_tokenizer)
 
     def pair(batch: dict) -> dict:
-        out = {"pair_student": [], "pair_teacher": []}
+        out = {"pair_student": [], "pair_teacher": [], "stop_student": [], "stop_teacher": []}
         for row in range(len(batch["s_response_ids"])):
             if not batch["s_response_ids"][row] or not batch["t_response_ids"][row]:
-                pairs = []  # such a record is dropped; keep the row so indices stay aligned
+                groups = []  # such a record is dropped; keep the row so indices stay aligned
             elif same_tokenizer and batch["s_response_ids"][row] == batch["t_response_ids"][row]:
-                pairs = [(i, i) for i in range(len(batch["s_response_ids"][row]))]
+                groups = [(i, i, i + 1, i + 1) for i in range(len(batch["s_response_ids"][row]))]
             elif rule == "offsets":
-                pairs = offsets_pairs(
-                    list(zip(batch["s_span_starts"][row], batch["s_span_ends"][row])),
-                    list(zip(batch["t_span_starts"][row], batch["t_span_ends"][row])),
-                )
+                groups = [(g.student_tokens.start, g.teacher_tokens.start, g.student_tokens.stop, g.teacher_tokens.stop)
+                          for g in offset_groups(list(zip(batch["s_span_starts"][row], batch["s_span_ends"][row])),
+                                                 list(zip(batch["t_span_starts"][row], batch["t_span_ends"][row])))]
             else:
-                pairs = dtw_pairs(
+                groups = [(s, t, s + 1, t + 1) for s, t in dtw_pairs(
                     token_strings(student_tokenizer, batch["s_response_ids"][row]),
-                    token_strings(teacher_tokenizer, batch["t_response_ids"][row]),
-                )
-            out["pair_student"].append([s for s, _ in pairs])
-            out["pair_teacher"].append([t for _, t in pairs])
+                    token_strings(teacher_tokenizer, batch["t_response_ids"][row]))]
+            for key, column in zip(("pair_student", "pair_teacher", "stop_student", "stop_teacher"), range(4)):
+                out[key].append([group[column] for group in groups])
         return out
 
     return _run_map(joined, pair, fingerprint, cache_dir, f"pairs-{rule}", progress, desc=f"pairing {teacher_name} ({rule})",

@@ -37,6 +37,7 @@ from mlot_ds.data.encode import encode_model, pair_responses, records_fingerprin
 from mlot_ds.data.records import RecordSet
 from mlot_ds.data.sampler import FILLER, LengthGroupedSteps
 from mlot_ds.data.templates import Template
+from mlot_ds.pairing.overlaps import token_overlaps
 from mlot_ds.pairing.position import IGNORE_INDEX, position_pairing
 from mlot_ds.pairing.types import Pairing, pack_pairs
 from mlot_ds.pairing.vocab_map import mined_vocab_map
@@ -63,6 +64,9 @@ class ModelSide:
     tokenizer: PreTrainedTokenizerBase
     template: Template
     pairing: str | None = None
+    views: frozenset = frozenset()
+    """Teachers: the extra alignment views its method reads, among ``"groups"`` (each pair's offsets
+    group) and ``"overlaps"`` (per student token, the teacher tokens overlapping its bytes)."""
     append_eos: bool = True
     distill_final_eos: bool = False
     model_vocab_size: int | None = None
@@ -306,7 +310,50 @@ class DistillationData:
         record_ids = torch.tensor(
             [int(self._record_ids[r]) if real else -1 for r, real in zip(rows, is_real)], dtype=torch.long
         )
-        return Batch(student_batch, {t.name: tensors[t.name] for t in self.teachers}, pairings, record_ids)
+        groups = {t.name: self._group_stops(t, pairings[t.name], rows, fetched) for t in self.teachers
+                  if "groups" in t.views}
+        overlaps = {t.name: self._token_overlaps(t, is_real, fetched) for t in self.teachers if "overlaps" in t.views}
+        return Batch(student_batch, {t.name: tensors[t.name] for t in self.teachers}, pairings, record_ids,
+                     groups, overlaps)
+
+    def _group_stops(self, teacher: ModelSide, pairing: Pairing, rows: list[int], fetched: dict):
+        """``(student_stop, teacher_stop) [B, P]``: each pair's group ends before these logit rows
+        (its tokens are predicted by rows ``index .. stop - 1``); 1:1 pairs end one row later."""
+        student_stop, teacher_stop = pairing.student_index + 1, pairing.teacher_index + 1
+        if teacher.pairing != "offsets":
+            return student_stop * pairing.mask, teacher_stop * pairing.mask
+        pairs = self._pairs[teacher.name][rows]
+        for b in range(len(rows)):
+            count = len(pairs["stop_student"][b])
+            if not count or not bool(pairing.mask[b].any()):
+                continue
+            s_prompt = len(fetched[self.student.name]["prompt_ids"][b])
+            t_prompt = len(fetched[teacher.name]["prompt_ids"][b])
+            # Response token q sits at position prompt + q; its group of tokens [start, stop) is
+            # predicted by the rows prompt + start - 1 .. prompt + stop - 2.
+            student_stop[b, :count] = torch.tensor(pairs["stop_student"][b]) + s_prompt - 1
+            teacher_stop[b, :count] = torch.tensor(pairs["stop_teacher"][b]) + t_prompt - 1
+        return student_stop * pairing.mask, teacher_stop * pairing.mask
+
+    def _token_overlaps(self, teacher: ModelSide, is_real: np.ndarray, fetched: dict):
+        """``(lo, hi, mask) [B, Ns]`` over the student's labelled tokens (response, then EOS): the
+        teacher response tokens ``lo .. hi - 1`` overlap the token's bytes (EOS: none)."""
+        student, other = fetched[self.student.name], fetched[teacher.name]
+        eos = int(self.student.append_eos)
+        width = max(len(ids) + eos for ids in student["response_ids"])
+        lo = torch.zeros(len(is_real), width, dtype=torch.long)
+        hi = torch.zeros_like(lo)
+        mask = torch.zeros(len(is_real), width, dtype=torch.bool)
+        for b, real in enumerate(is_real):
+            if not real:
+                continue
+            ranges = token_overlaps(list(zip(student["span_starts"][b], student["span_ends"][b])),
+                                    list(zip(other["span_starts"][b], other["span_ends"][b])))
+            count = len(ranges) + eos
+            lo[b, : len(ranges)] = torch.tensor([r[0] for r in ranges], dtype=torch.long)
+            hi[b, : len(ranges)] = torch.tensor([r[1] for r in ranges], dtype=torch.long)
+            mask[b, :count] = True
+        return lo, hi, mask
 
     def _model_batch(self, side: ModelSide, fetched: dict, is_real: np.ndarray) -> ModelBatch:
         eos = [side.tokenizer.eos_token_id] if side.append_eos else []

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from mlot_ds.data.dialogsum import render_prompt as render_dialogsum_prompt
 from mlot_ds.data.sources import BadRow, DataError, iter_rows
-from mlot_ds.zoo.corpus import render_prompt as render_dialogsum_prompt
 
 ADAPTERS = ("dialogsum", "qed", "fairytaleqa", "jsonl")
 BAD_ROW_POLICIES = ("error", "skip")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from mlot_ds.data.dialogsum import CORPUS_FILES, corpus_path
 from mlot_ds.errors import BadInput
 
 # What a damaged or truncated gzip file raises while it is read.
@@ -43,6 +44,24 @@ class BadRow:
     where: str
     reason: str  # short key for the dropped counter, e.g. "non_utf8"
     message: str
+
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_data_path(path: str, where: str) -> Path:
+    """A data source's local path: ``builtin:dialogsum/<train|dev|test>`` (the bundled sample) or a
+    file/folder that must exist. Raises :class:`DataError` naming ``where``."""
+    if path.startswith(BUILTIN_PREFIX):
+
+        dataset, _, split = path[len(BUILTIN_PREFIX):].partition("/")
+        if dataset != "dialogsum" or split not in CORPUS_FILES:
+            raise DataError(f"{where}: unknown built-in data {path!r}; expected builtin:dialogsum/<train|dev|test>")
+        return corpus_path(split)
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise DataError(f"{where}: no such file or folder: {resolved}")
+    return resolved
 
 
 def _suffixes(path: Path) -> list[str]:
@@ -210,7 +229,7 @@ def _csv_rows(path: Path) -> Iterator[Row | BadRow]:
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # only Parquet files need pyarrow
 
     try:
         table = pq.read_table(path)
@@ -221,13 +240,14 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
 
 
 def _dataset_rows(path: Path) -> Iterator[Row]:
-    import datasets
+    import datasets  # only saved-dataset folders need it here
 
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as error:  # datasets raises FileNotFoundError or its own errors
         raise DataError(f"{path}: not a directory written by datasets.save_to_disk ({error})") from None
     if isinstance(loaded, datasets.DatasetDict):
-        raise DataError(f"{path}: holds splits {sorted(loaded)}; pass the directory of one split, e.g. {path}/{next(iter(loaded))}")
+        raise DataError(f"{path}: holds splits {sorted(loaded)}; pass the directory of one split, "
+                        f"e.g. {path}/{next(iter(loaded))}")
     for index, values in enumerate(loaded):
         yield Row(index, f"{path}: row {index}", values)

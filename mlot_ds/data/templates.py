@@ -88,7 +88,7 @@ def prompt_token_ids(
 ) -> list[int]:
     """Token ids of the rendered prompt, with the tokenizer's BOS for ``plain`` when it adds one."""
     text = render_prompt(template, tokenizer, prompt, examples, model=model)
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)  # the caller cuts long prompts
     if template.kind == "plain":
         ids = leading_special_ids(tokenizer) + ids
     return ids

@@ -43,6 +43,9 @@ import json
 from dataclasses import dataclass
 from typing import Sequence
 
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from mlot_ds.data.offsets import response_spans
@@ -113,7 +116,6 @@ def _switch_off_prefix(step: dict | None) -> tuple[dict | None, bool]:
 
 
 def _fast_without_prefix(tokenizer: PreTrainedTokenizerBase):
-    from tokenizers import Tokenizer
 
     description = json.loads(tokenizer.backend_tokenizer.to_str())
     description["normalizer"], normaliser_changed = _switch_off_prefix(description.get("normalizer"))
@@ -130,8 +132,6 @@ def _slow_without_prefix(tokenizer: PreTrainedTokenizerBase):
     sp_model = getattr(tokenizer, "sp_model", None)
     if sp_model is None:
         return None
-    import sentencepiece
-    from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto.FromString(sp_model.serialized_model_proto())
     if not proto.normalizer_spec.add_dummy_prefix:

@@ -25,12 +25,18 @@ import random
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mlot_ds import dist, outputs
+from mlot_ds.config import load_recipe
+from mlot_ds.engine.resolve import local_model
 from mlot_ds.errors import BadInput
 
 COMPLETE = "COMPLETE"
@@ -236,7 +242,6 @@ def check_compatible(folder: Path, manifest: dict, allow_teacher_change: bool, w
 
 def _check_rng_files(folder: Path, saved_world: int) -> None:
     """Every rank's RNG file is a whole torch zip (a truncated one would fail only at load)."""
-    import zipfile
 
     for rank_index in range(saved_world):
         path = folder / f"rng_rank{rank_index}.pt"
@@ -315,7 +320,6 @@ def export_hf(engine, tokenizer, out_dir: Path) -> Path:
 
     ``out_dir`` is replaced only if it is absent, empty, or an earlier export (see :mod:`mlot_ds.outputs`).
     """
-    import deepspeed
 
     module = engine.module
     failure = None
@@ -361,21 +365,18 @@ def consolidate(folder: Path):
     tokenizer come from the base folder its recipe names. Used by ``tools/export_hf.py`` and
     ``tools/evaluate.py``. Returns ``(model, tokenizer, recipe)``.
     """
-    from mlot_ds.config import RecipeError, load_recipe
-    from mlot_ds.engine.resolve import model_path
 
     folder = resolve_checkpoint(Path(folder))
     try:
         recipe = load_recipe(folder / "recipe.yaml")
-        student_dir = model_path(recipe.student.model, recipe, "student.model")
-        tokenizer_dir = model_path(recipe.student.tokenizer or recipe.student.model, recipe, "student.tokenizer")
-    except RecipeError as exc:
+        # A GGUF base (a .gguf file or a packaged zoo name) is converted again if the cache lost it.
+        student_dir = local_model(recipe.student.model, recipe, "student.model")
+        tokenizer_dir = local_model(recipe.student.tokenizer or recipe.student.model, recipe, "student.tokenizer")
+    except BadInput as exc:  # the recipe, or a base model it names (a zoo name, a GGUF file, its package)
         raise CheckpointError(f"{folder / 'recipe.yaml'}: {exc}") from None
     if not (student_dir / "config.json").is_file():
         raise CheckpointError(f"{folder}: the student's base folder {student_dir} (named by its recipe) is missing; "
                               f"its config and tokenizer are needed")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
+import torch
+
 from mlot_ds import dist
-from mlot_ds.engine.signals import REQUEUE_EXIT_CODE, STOP_REQUEST, install_stop_handlers
+from mlot_ds.engine.signals import REQUEUE_EXIT_CODE, install_stop_handlers
 
 DESCRIPTION = """\
 Multi-teacher cross-tokenizer distillation (MultiLevelOT) on DeepSpeed ZeRO-3.
@@ -29,8 +30,24 @@ checkpoint (SLURM: requeue), 1 any other failure.
 """
 
 
+def methods_help() -> str:
+    """Every loss kind with its hyper-parameters, defaults and term weights (from the registry)."""
+    # Imported here so that --help lists the methods without importing the engine's heavier modules.
+    import dataclasses
+
+    from mlot_ds.losses.registry import METHODS
+
+    lines = ["Losses (teachers.<name>.loss = {kind: ..., <parameter>: value, weights: {<term>: w}}):"]
+    for kind, method in METHODS.items():
+        params = method.Params()
+        values = ", ".join(f"{f.name}={getattr(params, f.name)!r}" for f in dataclasses.fields(params)) or "none"
+        weights = ", ".join(f"{t}={w:g}" for t, w in method.default_weights(params).items())
+        lines += [f"  {kind}: {method.description}", f"      parameters: {values}", f"      weights: {weights}"]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="launch/train.py", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="launch/train.py", description=DESCRIPTION, epilog=methods_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="DeepSpeed JSON (e.g. ds_configs/zero3.json); its batch, "
                         "clipping, optimizer and schedule keys are filled from the recipe")
@@ -48,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.dry_run:
         install_stop_handlers()  # idempotent; launch/train.py already did it before importing torch
+    # The engine's modules pull in transformers and deepspeed: imported after the stop handlers, so
+    # that a SIGTERM while they load ends in a clean exit, not a traceback.
     from mlot_ds.config import load_recipe
     from mlot_ds.engine.ds_config import read_ds_config, student_ds_config
     from mlot_ds.engine.setup import prepare_inputs
@@ -59,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, overrides)
         ds_template = read_ds_config(args.config)
         if args.dry_run:
-            import torch
-
             inputs = prepare_inputs(recipe, check_only=True)
             student_ds_config(ds_template, recipe, int(os.environ.get("WORLD_SIZE", "1")), 1, torch.device("cpu"),
                               source=args.config)
@@ -72,44 +89,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT_EXIT_CODE
 
-    from mlot_ds.engine.trainer import NonFiniteLossError, Trainer, quiet_deepspeed_deprecations
+    from mlot_ds.engine.trainer import (  # as above
+        NonFiniteLossError,
+        StoppedBySignal,
+        Trainer,
+    )
 
-    quiet_deepspeed_deprecations()
     dist.init(recipe.train.dist_timeout_s)
-
-    started = time.time()
+    trainer = Trainer(recipe, ds_template, args.config)
     try:
-        inputs = prepare_inputs(recipe)
-        trainer = Trainer(recipe, ds_template, args.config, inputs)
-        trainer.setup()
+        summary = trainer.run()
     except BadInput as exc:
         dist.fail(str(exc))
-    if dist.any_rank(STOP_REQUEST["signal"] is not None) and trainer.global_step == 0:
-        dist.print0(f"stopped by signal during setup; nothing to save, exiting with status {REQUEUE_EXIT_CODE}")
-        return REQUEUE_EXIT_CODE
-    try:
-        trainer.train()
-        trainer.save()
-        results = inputs.evaluate(trainer) if inputs.eval_records else {}
-        if results:
-            trainer.log.scalars(trainer.global_step, results)
-        export_dir = trainer.export() if recipe.export.enabled else None
     except NonFiniteLossError as exc:
-        trainer.cleanup()
         dist.fail(str(exc), code=1)
-    except BadInput as exc:
-        trainer.cleanup()
-        dist.fail(str(exc))
-    trainer.cleanup()
-    out = Path(recipe.train.output_dir).resolve()
-    dist.print0(_summary(out, export_dir, results, time.time() - started))
+    except StoppedBySignal as exc:
+        dist.print0(f"{exc}; exiting with status {REQUEUE_EXIT_CODE} (requeue)")
+        return REQUEUE_EXIT_CODE
+    dist.print0(_summary(summary))
     dist.barrier()
     dist.destroy()
     return 0
 
 
-def _summary(out: Path, export_dir, results: dict, seconds: float) -> str:
-    lines = [f"done in {seconds / 60:.1f} min",
+def _summary(summary) -> str:
+    out, export_dir = summary.output_dir, summary.export_dir
+    lines = [f"done in {summary.seconds / 60:.1f} min",
              f"  TensorBoard logs : {out / 'tensorboard'}   (view: tensorboard --logdir {out / 'tensorboard'} --host 127.0.0.1)",
              f"  metrics (JSONL)  : {out / 'tensorboard' / 'metrics.jsonl'}",
              f"  checkpoints      : {out / 'checkpoints'}"]
@@ -117,6 +122,6 @@ def _summary(out: Path, export_dir, results: dict, seconds: float) -> str:
         lines.append(f"  predictions      : {out / 'eval'}   (step_N.jsonl: prediction and references per record)")
     if export_dir is not None:
         lines.append(f"  exported student : {Path(export_dir).resolve()}   (AutoModelForCausalLM.from_pretrained)")
-    for key, value in sorted(results.items()):
+    for key, value in sorted(summary.results.items()):
         lines.append(f"  {key:<17}: {value:.4f}")
     return "\n".join(lines)

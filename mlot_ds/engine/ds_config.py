@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.runtime import lr_schedules
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 
 from mlot_ds.config import Recipe
 from mlot_ds.errors import BadInput
@@ -62,9 +65,6 @@ def read_ds_config(path: str | Path) -> dict:
 
 def _check_optimizer_and_scheduler(config: dict, source: Path) -> None:
     """The optimizer and scheduler types must be ones DeepSpeed builds (its own, or torch's by name)."""
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-    from deepspeed.runtime import lr_schedules
-    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 
     for section in ("optimizer", "scheduler"):
         if section in config and not isinstance(config[section].get("params", {}), dict):
@@ -144,23 +144,3 @@ def student_ds_config(template: dict, recipe: Recipe, world_size: int, total_ste
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     return config
-
-
-def teacher_ds_config(student_config: dict, placement: str, micro_batch_size: int) -> dict:
-    """A frozen teacher's config: ZeRO-3 inference, no optimizer, optional parameter offload."""
-    zero = copy.deepcopy(student_config.get("zero_optimization", {}))
-    for key in ("offload_optimizer",):
-        zero.pop(key, None)
-    if placement == "offload":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    else:
-        zero.pop("offload_param", None)
-    zero["stage"] = 3
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": zero,
-        "bf16": copy.deepcopy(student_config.get("bf16", {"enabled": False})),
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }

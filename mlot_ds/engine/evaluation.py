@@ -19,16 +19,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlot_ds import dist
+from mlot_ds import dist, outputs
 from mlot_ds.data import Template
 from mlot_ds.eval.report import evaluate_records
 
 SAMPLES_SHOWN = 4
 
 
-def evaluate_student(trainer, inputs) -> dict[str, float]:
-    recipe = trainer.recipe
-    records = inputs.eval_records[: recipe.eval.limit]
+def evaluate_student(model, tokenizer, records, recipe, step: int, device, log) -> dict[str, float]:
+    """Collective: the ``eval/*`` metrics of the live student ``model`` on the first ``eval.limit`` records.
+
+    With generation on, rank 0 also writes the predictions to ``<output_dir>/eval/step_<N>.jsonl``
+    and shows the first few in TensorBoard through ``log`` (a :class:`~mlot_ds.engine.metrics_log.MetricLog`).
+    """
+    records = records[: recipe.eval.limit]
     if not records:
         return {}
     template_cfg = recipe.student.template
@@ -36,31 +40,27 @@ def evaluate_student(trainer, inputs) -> dict[str, float]:
     template = Template(kind=template_cfg.kind, system=template_cfg.system, few_shot=0)
     adapter = recipe.data.eval.adapter if recipe.data.eval is not None else "jsonl"
     result = evaluate_records(
-        trainer.student.module, inputs.student_tokenizer, records, adapter=adapter, template=template,
+        model, tokenizer, records, adapter=adapter, template=template,
         batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
-        max_length=recipe.data.max_length, device=trainer.device, append_eos=recipe.student.append_eos,
+        max_length=recipe.data.max_length, device=device, append_eos=recipe.student.append_eos,
         generate=recipe.eval.generate, synced=dist.world_size() > 1, progress=dist.is_rank0(),
         model_name="student",
     )
     if result.predictions:
-        path = Path(recipe.train.output_dir) / "eval" / f"step_{trainer.global_step:08d}.jsonl"
+        path = recipe.paths().predictions / f"step_{step:08d}.jsonl"
         dist.rank0_then_barrier(lambda: write_predictions(path, records, result.predictions, result.metrics))
-        trainer.log.text(trainer.global_step, "eval/samples", samples_markdown(records, result.predictions))
+        log.text(step, "eval/samples", samples_markdown(records, result.predictions))
     return result.metrics
 
 
 def write_predictions(path: Path, records, predictions: list[str], metrics: dict[str, float]) -> Path:
     """One JSON line per record (``id``, ``prompt``, ``prediction``, ``references``), then the metrics;
     written to a temporary name and renamed, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as out:
-        for record, prediction in zip(records, predictions):
-            out.write(json.dumps({"id": record.id, "prompt": record.prompt, "prediction": prediction,
-                                  "references": list(record.references or (record.response,))}, ensure_ascii=False) + "\n")
-        out.write(json.dumps({"metrics": metrics}) + "\n")
-    partial.replace(path)
-    return path
+    lines = [json.dumps({"id": record.id, "prompt": record.prompt, "prediction": prediction,
+                         "references": list(record.references or (record.response,))}, ensure_ascii=False) + "\n"
+             for record, prediction in zip(records, predictions)]
+    lines.append(json.dumps({"metrics": metrics}) + "\n")
+    return outputs.write_text(path, "".join(lines))
 
 
 def samples_markdown(records, predictions: list[str]) -> str:

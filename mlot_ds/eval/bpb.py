@@ -38,7 +38,7 @@ def bits_per_byte(
     uses), with the tokenizer's leading special tokens (a BOS where it adds one) before the prompt
     when ``prompt_special_tokens``; if ``append_eos``, the tokenizer's EOS is appended and scored
     as part of the response (its bytes count as zero). So pass the exact text a model conditions
-    on, separator included, as the prompt, e.g. ``mlot_ds.zoo.corpus.render_context(dialogue)``.
+    on, separator included, as the prompt, e.g. ``mlot_ds.data.dialogsum.render_context(dialogue)``.
 
     Args:
         model: a causal LM returning ``.logits`` of shape ``[B, T, V]`` (``V`` may exceed

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 
 def greedy_generate(
@@ -47,7 +49,6 @@ def greedy_generate(
     Returns:
         One string per prompt, in the order of ``prompt_ids``.
     """
-    from transformers import GenerationConfig
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"greedy_generate: batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
@@ -105,6 +106,5 @@ def _decode(tokenizer, continuation: list[int], eos_id: int | None) -> str:
 
 
 def _progress_bar(total: int, description: str):
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, unit="prompt", dynamic_ncols=True)

@@ -11,6 +11,8 @@ import string
 from collections import Counter
 from functools import lru_cache
 
+from rouge_score import rouge_scorer
+
 # ROUGE-LSum scores the union LCS over sentences, which rouge-score reads from newlines. nltk's
 # punkt splitter needs a data download, so split after sentence-final punctuation instead.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -26,7 +28,6 @@ def split_sentences(text: str) -> str:
 
 @lru_cache(maxsize=1)
 def _rouge_scorer():
-    from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from mlot_ds.errors import BadInput
+from mlot_ds.data import prompt_token_ids, render_prompt
 from mlot_ds.eval.bpb import bits_per_byte
 from mlot_ds.eval.generate import greedy_generate
 from mlot_ds.eval.metrics import METRIC_FUNCTIONS, METRICS_BY_ADAPTER
@@ -76,7 +75,6 @@ def evaluate_records(
         model_name: used in error messages.
         The rest as :func:`mlot_ds.eval.generate.greedy_generate`.
     """
-    from mlot_ds.data import prompt_token_ids, render_prompt
 
     names = metric_names(adapter, generate)
     if not records:
@@ -102,76 +100,3 @@ def evaluate_records(
                       for prediction, record in zip(predictions, records)]
             metrics[name] = sum(values) / len(values)
     return Evaluation(metrics, predictions, seconds)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading what the tools evaluate (tools/evaluate.py, tools/generate_teacher_responses.py, tools/reproduce.py)
-
-
-class EvaluateInputError(BadInput):
-    """A model or data path given to an evaluation tool is not what it should be."""
-
-
-def load_data(adapter: str, path: str, limit: int | None) -> list:
-    from mlot_ds.config import DataSourceConfig, RecipeError
-    from mlot_ds.data import DataError, load_records
-    from mlot_ds.engine.resolve import data_path
-
-    if not path.startswith("builtin:") and not Path(path).expanduser().exists():
-        raise EvaluateInputError(f"--path {path}: no such file or folder")
-    try:
-        resolved = data_path(DataSourceConfig(adapter=adapter, path=path), "--path")
-        records = load_records(adapter, resolved, limit=limit).records
-    except (RecipeError, DataError, ValueError, OSError) as exc:
-        raise EvaluateInputError(str(exc)) from None
-    if not records:
-        raise EvaluateInputError(f"--path {path}: no records")
-    return records
-
-
-def load_model(folder: Path, device: str) -> dict:
-    """The model, its tokenizer and per-source defaults, from a model folder or a checkpoint."""
-    if not folder.exists():
-        raise EvaluateInputError(f"{folder}: no such file or folder")
-    if (folder / "config.json").is_file():
-        return _load_hf_folder(folder, device)
-    from mlot_ds.engine.checkpoint import COMPLETE, find_latest
-
-    checkpoint = folder if (folder / COMPLETE).is_file() else (find_latest(folder) if folder.is_dir() else None)
-    if checkpoint is None:
-        raise EvaluateInputError(f"{folder}: neither a model folder (no config.json) nor a complete checkpoint "
-                                 f"(no {COMPLETE}), nor a folder of checkpoints")
-    return _load_checkpoint(checkpoint, device)
-
-
-def _load_hf_folder(folder: Path, device: str) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mlot_ds.teachers.loading import check_model_weights
-
-    check_model_weights(folder, str(folder))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="float32")
-    except (OSError, ValueError) as exc:
-        raise EvaluateInputError(f"{folder}: cannot load a causal LM and its tokenizer: {exc}") from None
-    return {"model": model.to(device), "tokenizer": tokenizer, "template": "plain", "append_eos": True,
-            "max_length": _positions(model.config), "source": "model_folder"}
-
-
-def _load_checkpoint(folder: Path, device: str) -> dict:
-    """Consolidate the ZeRO-3 shards of ``folder`` into the student architecture, in memory."""
-    from mlot_ds.engine.checkpoint import consolidate
-
-    model, tokenizer, recipe = consolidate(folder)
-    return {"model": model.to(device), "tokenizer": tokenizer, "template": recipe.student.template.kind,
-            "append_eos": recipe.student.append_eos, "max_length": recipe.data.max_length,
-            "source": f"checkpoint:{folder.name}"}
-
-
-def _positions(config) -> int:
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return min(value, DEFAULT_MAX_LENGTH)
-    return DEFAULT_MAX_LENGTH

@@ -14,8 +14,9 @@ only ``k`` columns per sequence once the ranking is known. So instead of the ``[
 
 Extra memory: one chunk of logits (float32), the sums ``[G, B, V]`` and ``O(B P k)`` values. The
 products are computed in the weight's dtype, as the model's own output layer computes them, so
-the results equal :func:`~mlot_ds.losses.mlot.teacher_summary` on ``h W^T + b`` up to float
-rounding. No autograd graph is built (teachers are frozen).
+the results equal the full-logits computations on ``h W^T + b`` up to float rounding. No autograd
+graph is built (teachers are frozen). MultiLevelOT's own use of these pieces is
+:func:`mlot_ds.losses.mlot.teacher_summary_from_hidden`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mlot_ds.losses import official
 from mlot_ds.losses.ce import labelled_rows
-from mlot_ds.losses.mlot import TeacherSummary, token_ranked_summary
-from mlot_ds.losses.presets import resolve_preset
-from mlot_ds.losses.ranking import RowSet, build_row_set, compute_dtype_for, row_statistics
-from mlot_ds.pairing import Pairing
+from mlot_ds.losses.ranking import (
+    RowSet,
+    build_row_set,
+    compute_dtype_for,
+    row_statistics,
+)
 
 # CPU: 16M logits (64 MB in float32, 128 rows of a 128k vocabulary) per chunk. Each chunk reads the
 # whole output layer, so fewer rows make the product memory-bound: with 32 rows it ran 2.6x slower
@@ -44,7 +46,7 @@ def head_chunk_rows(vocab: int, head_chunk_elements: int | None, device: torch.d
     return max(1, head_chunk_elements // max(vocab, 1))
 
 
-def _check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[2] != weight.shape[1]:
         raise ValueError(f"hidden [B, T, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
@@ -57,7 +59,7 @@ def rows_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     Returns ``[B, P, C]`` (or ``[B, P, V]``) in the weight's dtype: ``h[b, row_index[b, p]] . W[c] + b[c]``.
     """
-    _check_head(hidden, weight, bias)
+    check_head(hidden, weight, bias)
     picked = hidden.gather(1, row_index.unsqueeze(2).expand(-1, -1, hidden.shape[2]))
     if columns is not None:
         weight = weight.index_select(0, columns)
@@ -107,7 +109,7 @@ def head_row_statistics(
     return lse, sums
 
 
-def _gold_ce(hidden2d, weight, bias, lse_t1, ce_slot, ce_rows, ce_targets, batch, seq_len) -> dict[str, torch.Tensor]:
+def gold_ce_from_rows(hidden2d, weight, bias, lse_t1, ce_slot, ce_rows, ce_targets, batch, seq_len) -> dict[str, torch.Tensor]:
     """Per-sequence CE sums from temperature-1 log-normalisers and the target logits."""
     picked = hidden2d.index_select(0, ce_rows).unsqueeze(1)
     target_logits = torch.bmm(picked, weight.index_select(0, ce_targets).unsqueeze(2)).reshape(-1)
@@ -124,7 +126,7 @@ def _gold_ce(hidden2d, weight, bias, lse_t1, ce_slot, ce_rows, ce_targets, batch
 def ce_per_sequence_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                 labels: torch.Tensor, *, head_chunk_elements: int | None = None) -> dict[str, torch.Tensor]:
     """:func:`~mlot_ds.losses.ce.ce_per_sequence` of ``h W^T + b``, chunked: ``{"ce": [B], "tokens": [B]}``."""
-    _check_head(hidden, weight, bias)
+    check_head(hidden, weight, bias)
     batch, seq_len, _ = hidden.shape
     if labels.shape != (batch, seq_len):
         raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] = {(batch, seq_len)}")
@@ -134,89 +136,5 @@ def ce_per_sequence_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias
     row_set = build_row_set(empty, empty.bool(), seq_len, rows)
     with torch.no_grad():
         lse, _ = head_row_statistics(hidden2d, weight, bias, row_set, batch, (1.0,), head_chunk_elements=head_chunk_elements)
-        return _gold_ce(hidden2d, weight, bias, lse[0], torch.arange(rows.numel(), device=rows.device), rows, targets,
+        return gold_ce_from_rows(hidden2d, weight, bias, lse[0], torch.arange(rows.numel(), device=rows.device), rows, targets,
                         batch, seq_len)
-
-
-def teacher_summary_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    pairing,
-    *,
-    preset="default",
-    ce_labels: torch.Tensor | None = None,
-    head_chunk_elements: int | None = None,
-    **overrides,
-) -> tuple[TeacherSummary, dict[str, torch.Tensor] | None]:
-    """:func:`~mlot_ds.losses.mlot.teacher_summary` of the logits ``h W^T + b``, never materialised.
-
-    Args:
-        hidden: ``[B, Tt, H]`` final hidden states; weight ``[m, H]``, bias ``[m]`` or ``None``.
-        pairing: as ``teacher_summary`` (``official``: :func:`~mlot_ds.losses.official.official_spans`;
-            that preset needs every span row at every column, so it computes the ``[B, L, m]``
-            span logits, still never the ``[B, Tt, m]`` ones).
-        ce_labels: ``[B, Tt]`` HF unshifted labels: also return the teacher's gold-response CE per
-            sequence, ``{"ce": [B], "tokens": [B]}`` (from the same pass for the non-official presets).
-        head_chunk_elements: logits per chunk (see :func:`head_chunk_rows`).
-
-    Returns:
-        ``(summary, gold)``; ``gold`` is ``None`` without ``ce_labels``.
-    """
-    cfg = resolve_preset(preset, overrides)
-    _check_head(hidden, weight, bias)
-    batch, seq_len, _ = hidden.shape
-    if cfg.k > weight.shape[0]:
-        raise ValueError(f"k={cfg.k} exceeds the vocabulary size {weight.shape[0]} of the teacher's output layer")
-    gold = None
-    with torch.no_grad():
-        if cfg.is_official:
-            if not isinstance(pairing, official.OfficialSpans):
-                raise ValueError("preset 'official' needs official_spans(student_labels, teacher_labels) as its pairing")
-            span_logits = rows_logits(hidden, weight, bias, pairing.teacher_rows)
-            local = torch.arange(span_logits.shape[1], device=hidden.device).unsqueeze(0).expand(batch, -1)
-            summary = TeacherSummary((cfg.tau_had,), *official.teacher_side(span_logits, pairing._replace(teacher_rows=local), cfg))
-            if ce_labels is not None:
-                gold = ce_per_sequence_from_hidden(hidden, weight, bias, ce_labels, head_chunk_elements=head_chunk_elements)
-            return summary, gold
-        if not isinstance(pairing, Pairing) or pairing.teacher_index.shape != pairing.mask.shape:
-            raise ValueError("pairing must be a mlot_ds.pairing.Pairing with [B, P] teacher_index and mask")
-        real = pairing.teacher_index[pairing.mask]
-        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= seq_len):
-            raise ValueError(f"pairing.teacher_index out of range [0, {seq_len}): {int(real.min())}..{int(real.max())}")
-        temperatures = cfg.temperatures()
-        groups = temperatures if ce_labels is None or 1.0 in temperatures else temperatures + (1.0,)
-        ce_rows = ce_targets = None
-        if ce_labels is not None:
-            if ce_labels.shape != (batch, seq_len):
-                raise ValueError(f"ce_labels {tuple(ce_labels.shape)} must be [B, T] = {(batch, seq_len)}")
-            ce_rows, ce_targets = labelled_rows(ce_labels)
-        hidden2d = hidden.reshape(batch * seq_len, -1)
-        if cfg.ranking == "token":
-            rows_per_block = head_chunk_rows(weight.shape[0], head_chunk_elements, hidden.device)
-            summary = token_ranked_summary(lambda rows: F.linear(hidden2d.index_select(0, rows), weight, bias), pairing,
-                                           seq_len, temperatures, cfg.k, rows_per_block, compute_dtype_for(weight.dtype))
-            if ce_labels is not None:
-                gold = ce_per_sequence_from_hidden(hidden, weight, bias, ce_labels, head_chunk_elements=head_chunk_elements)
-            return summary, gold
-        row_set = build_row_set(pairing.teacher_index, pairing.mask, seq_len, ce_rows)
-        inv = tuple(1.0 / t for t in groups)
-        lse, sums = head_row_statistics(hidden2d, weight, bias, row_set, batch, inv,
-                                        head_chunk_elements=head_chunk_elements, chunk_elements=cfg.chunk_elements)
-        indices = sums[: len(temperatures)].topk(cfg.k, dim=2).indices  # [G, B, k]
-        del sums
-        # z at the ranked ids of each pair's own sequence: [G, B, P, H] x [G, B, H, k].
-        pair_hidden = hidden.gather(1, pairing.teacher_index.unsqueeze(2).expand(-1, -1, hidden.shape[2]))
-        ranked_weight = weight[indices]  # [G, B, k, H]
-        z_at = torch.matmul(pair_hidden.unsqueeze(0), ranked_weight.transpose(2, 3))
-        if bias is not None:
-            z_at = z_at + bias[indices].unsqueeze(2)
-        slot = torch.zeros(pairing.mask.shape, dtype=torch.long, device=hidden.device)
-        slot[pairing.mask] = row_set.pair_slot
-        inv_t = torch.tensor(inv[: len(temperatures)], dtype=lse.dtype, device=hidden.device).view(-1, 1, 1, 1)
-        values = (z_at.to(lse.dtype) * inv_t - lse[: len(temperatures), slot].unsqueeze(3)).exp_()
-        values = values * pairing.mask.unsqueeze(0).unsqueeze(3)
-        if ce_labels is not None:
-            ce_slot = torch.searchsorted(row_set.rows, ce_rows)
-            gold = _gold_ce(hidden2d, weight, bias, lse[groups.index(1.0)], ce_slot, ce_rows, ce_targets, batch, seq_len)
-    return TeacherSummary(temperatures, indices, values), gold

@@ -19,13 +19,30 @@ weights. The work is split so the engine can drop a teacher's logits right after
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-from mlot_ds.losses import official
+from mlot_ds.fields import PositiveFloat, PositiveInt
 from mlot_ds.losses.ce import labelled_rows, masked_ce
-from mlot_ds.losses.presets import MlotPreset, resolve_preset
+from mlot_ds.losses.head import (
+    ce_per_sequence_from_hidden,
+    check_head,
+    gold_ce_from_rows,
+    head_chunk_rows,
+    head_row_statistics,
+)
+from mlot_ds.losses.method import (
+    LogitSource,
+    Method,
+    MethodContext,
+    TeacherOutput,
+    TeacherView,
+    gold_if,
+)
+from mlot_ds.losses.presets import PRESETS, MlotPreset, resolve_preset
 from mlot_ds.losses.ranking import (
     StudentTopK,
     block_elements,
@@ -43,12 +60,12 @@ class TeacherSummary(NamedTuple):
     """What the student side needs from one teacher's logits.
 
     Attributes:
-        temperatures: the ``G`` distinct temperatures, ascending (official: the span softmax only).
+        temperatures: the ``G`` distinct temperatures, ascending (official preset: the span softmax only).
         indices: ``[G, B, k]`` long, teacher vocabulary ids ranked by the sequence-summed
-            probabilities (official: by the batch-summed ones, the same row for every ``b``;
+            probabilities (official preset: by the batch-summed ones, the same row for every ``b``;
             ``ranking="token"``: ``[G, B, P, k]``, each pair's own ranking).
         values: ``[G, B, P, k]`` float32 (float64 for float64 logits), ``t^k`` of every pair (0 on
-            padded pairs). Official: the teacher's whole answer span, ``P`` = longest teacher span.
+            padded pairs). Official preset: the teacher's whole answer span, ``P`` = longest span.
 
     A cache can store it as is; nothing in it refers back to the teacher's logits.
     """
@@ -76,24 +93,27 @@ def _check_rows(side: str, pairing, length: int) -> None:
         raise ValueError(f"pairing.{side}_index out of range [0, {length}): {int(real.min())}..{int(real.max())}")
 
 
-def teacher_summary(
-    teacher_logits: torch.Tensor, pairing: Pairing | official.OfficialSpans, *, preset="default", **overrides
-) -> TeacherSummary:
+def _resolve(preset, overrides) -> MlotPreset:
+    cfg = resolve_preset(preset, overrides)
+    if cfg.is_official:
+        raise ValueError("the official preset is its own method: use mlot_ds.losses.official (loss kind 'official')")
+    return cfg
+
+
+def teacher_summary(teacher_logits: torch.Tensor, pairing: Pairing, *, preset="default", **overrides) -> TeacherSummary:
     """Rank and truncate the teacher side (eq. 10-12) and keep the top-k values of every pair.
 
     Args:
         teacher_logits: ``[B, Tt, m]`` logits (any float dtype; float32 inside). Never modified.
-        pairing: the pairing (for ``preset="official"``: :func:`official.official_spans`).
+        pairing: the pairing.
         preset, overrides: as :func:`multilevel_ot`.
 
     Returns:
         A :class:`TeacherSummary`; no autograd graph, no full-vocabulary tensor kept.
     """
-    cfg = resolve_preset(preset, overrides)
+    cfg = _resolve(preset, overrides)
     _check_logits("teacher_logits", teacher_logits, cfg.k)
     with torch.no_grad():
-        if cfg.is_official:
-            return TeacherSummary((cfg.tau_had,), *official.teacher_side(teacher_logits, pairing, cfg))
         batch, seq_len, vocab = teacher_logits.shape
         _check_rows("teacher", pairing, seq_len)
         temperatures = cfg.temperatures()
@@ -115,7 +135,7 @@ def teacher_summary(
 def multilevel_ot_from_summary(
     student_logits: torch.Tensor,
     summary: TeacherSummary,
-    pairing: Pairing | official.OfficialSpans,
+    pairing: Pairing,
     *,
     preset="default",
     student_labels: torch.Tensor | None = None,
@@ -134,9 +154,9 @@ def multilevel_ot_from_summary(
     Returns:
         ``{"had", "sl", "sd", "tokens", "sequences"}`` float32 tensors (plus ``ce``, ``ce_tokens``).
     """
-    cfg = resolve_preset(preset, overrides)
+    cfg = _resolve(preset, overrides)
     _check_logits("student_logits", student_logits, cfg.k)
-    expected = (cfg.tau_had,) if cfg.is_official else cfg.temperatures()
+    expected = cfg.temperatures()
     built_ranking = "token" if summary.indices.dim() == 4 else "sequence"
     if summary.temperatures != expected or summary.indices.shape[-1] != cfg.k or built_ranking != cfg.ranking:
         raise ValueError(
@@ -144,11 +164,6 @@ def multilevel_ot_from_summary(
             f"ranking={built_ranking!r}, but preset {cfg.name!r} needs {expected}, k={cfg.k} and "
             f"ranking={cfg.ranking!r}: use the same preset and overrides"
         )
-    if cfg.is_official:
-        result = official.student_side(student_logits, summary.values[0], pairing, cfg)
-        if student_labels is not None:
-            result.update(_plain_ce(student_logits, student_labels))
-        return result
     batch, seq_len, vocab = student_logits.shape
     _check_rows("student", pairing, seq_len)
     if summary.values.shape[1:3] != pairing.mask.shape:
@@ -195,8 +210,9 @@ def multilevel_ot(
     Args:
         student_logits: ``[B, Ts, n]``; teacher_logits: ``[B, Tt, m]`` (any float dtypes).
         student_labels, teacher_labels: ``[B, Ts]``, ``[B, Tt]`` HF unshifted labels, -100 = not distilled.
-        pairing: replaces the ``position`` rule built from the labels (not allowed with ``official``).
-        preset: ``"paper"``, ``"official"``, ``"default"`` or a :class:`MlotPreset`.
+        pairing: replaces the ``position`` rule built from the labels.
+        preset: ``"paper"``, ``"default"`` or a :class:`MlotPreset` (the released code's numerics are
+            :func:`mlot_ds.losses.official.official_multilevel_ot`).
         with_ce: also return the student's summed ``ce`` and ``ce_tokens`` (fused, see above).
         overrides: hyper-parameters of :class:`MlotPreset` (``k``, ``tau_sl``, ``tau_sd``,
             ``sinkhorn_lambda``, ``sinkhorn_iters``, ...); unknown names raise ``ValueError``.
@@ -208,15 +224,11 @@ def multilevel_ot(
             out = multilevel_ot(s_logits, t_logits, s_labels, t_labels)
             kd = sum(PRESETS["default"].weights[t] * out[t] for t in TERMS) / out["tokens"]
     """
-    cfg = resolve_preset(preset, overrides)
+    cfg = _resolve(preset, overrides)
     for name, labels, logits in (("student", student_labels, student_logits), ("teacher", teacher_labels, teacher_logits)):
         if labels.shape != logits.shape[:2]:
             raise ValueError(f"{name}_labels {tuple(labels.shape)} must match {name}_logits[:2] {tuple(logits.shape[:2])}")
-    if cfg.is_official:
-        if pairing is not None:
-            raise ValueError("preset 'official' takes both answer spans from the labels; pass pairing=None")
-        pairing = official.official_spans(student_labels, teacher_labels, skip_student_eos=cfg.skip_student_eos)
-    elif pairing is None:
+    if pairing is None:
         pairing = position_pairing(student_labels, teacher_labels)
     summary = teacher_summary(teacher_logits, pairing, preset=cfg)
     return multilevel_ot_from_summary(
@@ -301,3 +313,156 @@ def _ce_rows(labels: torch.Tensor, logits_shape) -> tuple[torch.Tensor, torch.Te
 def _plain_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     out = masked_ce(student_logits, labels)
     return {"ce": out["ce"], "ce_tokens": out["tokens"]}
+
+
+def teacher_summary_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pairing,
+    *,
+    preset="default",
+    ce_labels: torch.Tensor | None = None,
+    head_chunk_elements: int | None = None,
+    **overrides,
+) -> tuple[TeacherSummary, dict[str, torch.Tensor] | None]:
+    """:func:`~mlot_ds.losses.mlot.teacher_summary` of the logits ``h W^T + b``, never materialised.
+
+    Args:
+        hidden: ``[B, Tt, H]`` final hidden states; weight ``[m, H]``, bias ``[m]`` or ``None``.
+        pairing: as ``teacher_summary``.
+        ce_labels: ``[B, Tt]`` HF unshifted labels: also return the teacher's gold-response CE per
+            sequence, ``{"ce": [B], "tokens": [B]}`` (from the same pass over the output layer).
+        head_chunk_elements: logits per chunk (see :func:`head_chunk_rows`).
+
+    Returns:
+        ``(summary, gold)``; ``gold`` is ``None`` without ``ce_labels``.
+    """
+    cfg = _resolve(preset, overrides)
+    check_head(hidden, weight, bias)
+    batch, seq_len, _ = hidden.shape
+    if cfg.k > weight.shape[0]:
+        raise ValueError(f"k={cfg.k} exceeds the vocabulary size {weight.shape[0]} of the teacher's output layer")
+    gold = None
+    with torch.no_grad():
+        if not isinstance(pairing, Pairing) or pairing.teacher_index.shape != pairing.mask.shape:
+            raise ValueError("pairing must be a mlot_ds.pairing.Pairing with [B, P] teacher_index and mask")
+        real = pairing.teacher_index[pairing.mask]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= seq_len):
+            raise ValueError(f"pairing.teacher_index out of range [0, {seq_len}): {int(real.min())}..{int(real.max())}")
+        temperatures = cfg.temperatures()
+        groups = temperatures if ce_labels is None or 1.0 in temperatures else temperatures + (1.0,)
+        ce_rows = ce_targets = None
+        if ce_labels is not None:
+            if ce_labels.shape != (batch, seq_len):
+                raise ValueError(f"ce_labels {tuple(ce_labels.shape)} must be [B, T] = {(batch, seq_len)}")
+            ce_rows, ce_targets = labelled_rows(ce_labels)
+        hidden2d = hidden.reshape(batch * seq_len, -1)
+        if cfg.ranking == "token":
+            rows_per_block = head_chunk_rows(weight.shape[0], head_chunk_elements, hidden.device)
+            summary = token_ranked_summary(lambda rows: F.linear(hidden2d.index_select(0, rows), weight, bias), pairing,
+                                           seq_len, temperatures, cfg.k, rows_per_block, compute_dtype_for(weight.dtype))
+            if ce_labels is not None:
+                gold = ce_per_sequence_from_hidden(hidden, weight, bias, ce_labels, head_chunk_elements=head_chunk_elements)
+            return summary, gold
+        row_set = build_row_set(pairing.teacher_index, pairing.mask, seq_len, ce_rows)
+        inv = tuple(1.0 / t for t in groups)
+        lse, sums = head_row_statistics(hidden2d, weight, bias, row_set, batch, inv,
+                                        head_chunk_elements=head_chunk_elements, chunk_elements=cfg.chunk_elements)
+        indices = sums[: len(temperatures)].topk(cfg.k, dim=2).indices  # [G, B, k]
+        del sums
+        # z at the ranked ids of each pair's own sequence: [G, B, P, H] x [G, B, H, k].
+        pair_hidden = hidden.gather(1, pairing.teacher_index.unsqueeze(2).expand(-1, -1, hidden.shape[2]))
+        ranked_weight = weight[indices]  # [G, B, k, H]
+        z_at = torch.matmul(pair_hidden.unsqueeze(0), ranked_weight.transpose(2, 3))
+        if bias is not None:
+            z_at = z_at + bias[indices].unsqueeze(2)
+        slot = torch.zeros(pairing.mask.shape, dtype=torch.long, device=hidden.device)
+        slot[pairing.mask] = row_set.pair_slot
+        inv_t = torch.tensor(inv[: len(temperatures)], dtype=lse.dtype, device=hidden.device).view(-1, 1, 1, 1)
+        values = (z_at.to(lse.dtype) * inv_t - lse[: len(temperatures), slot].unsqueeze(3)).exp_()
+        values = values * pairing.mask.unsqueeze(0).unsqueeze(3)
+        if ce_labels is not None:
+            ce_slot = torch.searchsorted(row_set.rows, ce_rows)
+            gold = gold_ce_from_rows(hidden2d, weight, bias, lse[groups.index(1.0)], ce_slot, ce_rows, ce_targets, batch, seq_len)
+    return TeacherSummary(temperatures, indices, values), gold
+
+
+@dataclass(frozen=True)
+class MlotParams:
+    """MultiLevelOT's hyper-parameters in the recipe (``loss: {kind: mlot, k: 50, ...}``); see
+    :class:`~mlot_ds.losses.presets.MlotPreset` for each one's meaning and equation."""
+
+    preset: Literal["default", "paper"] = "default"
+    """Which term weights are the defaults: ``default`` (per-token, from the released code's scales)
+    or ``paper`` (eq. 21's alpha = 0.15, beta = gamma = 0.1)."""
+    k: PositiveInt = 50
+    ranking: Literal["sequence", "token"] = "sequence"
+    tau_had: PositiveFloat = 1.0
+    tau_sl: PositiveFloat = 1.0
+    tau_sd: PositiveFloat = 2.0
+    sinkhorn_lambda: PositiveFloat = 0.1
+    sinkhorn_iters: PositiveInt = 20
+    differentiate_sinkhorn: bool = False
+    chunk_elements: PositiveInt | None = None
+
+    def to_preset(self) -> MlotPreset:
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "preset"}
+        base = PRESETS[self.preset]
+        changed = {name: value for name, value in fields.items() if getattr(base, name) != value}
+        return resolve_preset(base, changed)
+
+
+class MultiLevelOT(Method):
+    """MultiLevelOT (Cui et al., AAAI 2025) with the paper's semantics: HAD, SL, SD per paired token."""
+
+    name = "mlot"
+    Params = MlotParams
+    terms = ("had", "sl", "sd")
+    denominator = "pairs"
+    fuses_ce = True
+    description = "MultiLevelOT: sequence-ranked top-k HAD + SL + Sinkhorn SD (Cui et al. 2025)"
+
+    def __init__(self, params=None, weights=None, context=None):
+
+        super().__init__(params, weights, context or MethodContext())
+        self.preset = self.params.to_preset()
+
+    @classmethod
+    def default_weights(cls, params) -> dict[str, float]:
+        return dict(PRESETS[params.preset].weights)
+
+    @classmethod
+    def cache_problem(cls, params) -> str | None:
+        if params.ranking != "sequence":
+            return f"a cache stores one ranking per record; ranking {params.ranking!r} needs source 'live'"
+        return None
+
+    @classmethod
+    def check(cls, params, context) -> None:
+        params.to_preset()  # the preset's own checks (ranges, names)
+
+    def teacher(self, source: LogitSource, view: TeacherView, gold: bool) -> TeacherOutput:
+        if source.logits is not None:
+            return TeacherOutput(teacher_summary(source.logits, view.pairing, preset=self.preset),
+                                 gold_if(source, view.teacher.labels, gold))
+        summary, gold_ce = teacher_summary_from_hidden(
+            source.hidden, source.weight, source.bias, view.pairing, preset=self.preset,
+            ce_labels=view.teacher.labels if gold else None, head_chunk_elements=source.head_chunk_elements)
+        return TeacherOutput(summary, gold_ce)
+
+    def student(self, logits, reduced: TeacherSummary, view: TeacherView, ce_labels=None) -> dict[str, torch.Tensor]:
+        out = multilevel_ot_from_summary(logits, reduced, view.pairing, preset=self.preset, student_labels=ce_labels)
+        return {name: out[name] for name in self.terms + (("ce",) if ce_labels is not None else ())}
+
+    def cache_settings(self) -> dict:
+        return {"kind": self.name, "k": self.preset.k, "temperatures": list(self.preset.temperatures())}
+
+    def to_cache(self, reduced: TeacherSummary, view: TeacherView):
+        # Per record: the ranked ids of each temperature [B, G, k]; per pair: t^k [B, P, G, k] in bf16.
+        return ({"indices": reduced.indices.permute(1, 0, 2).to(torch.int32)},
+                {"values": reduced.values.permute(1, 2, 0, 3).to(torch.bfloat16)})
+
+    def from_cache(self, records, rows, view: TeacherView) -> TeacherSummary:
+        return TeacherSummary(self.preset.temperatures(), records["indices"].long().permute(1, 0, 2),
+                              rows["values"].float().permute(2, 0, 1, 3))

@@ -1,4 +1,4 @@
-"""The ``official`` preset: MultiLevelOT as the released code computes it (2018cx/Multi-Level-OT HEAD).
+"""The ``official`` method: MultiLevelOT as the released code computes it (2018cx/Multi-Level-OT HEAD).
 
 Written from our reading of ``DistillationLoss.forward`` (shared/research/anchors-loss.md §1.3).
 Deviations from the paper that this preset reproduces on purpose:
@@ -32,10 +32,22 @@ A sequence with no pair gives NaN in the code; here it adds nothing to HAD (SL s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from mlot_ds.fields import PositiveFloat, PositiveInt
+from mlot_ds.losses.head import rows_logits
+from mlot_ds.losses.method import (
+    LogitSource,
+    Method,
+    MethodContext,
+    TeacherOutput,
+    TeacherView,
+    gold_if,
+)
+from mlot_ds.losses.presets import PRESETS, MlotPreset, resolve_preset
 from mlot_ds.losses.ranking import compute_dtype_for
 from mlot_ds.losses.sinkhorn import sinkhorn_distance
 from mlot_ds.pairing import IGNORE_INDEX
@@ -134,3 +146,98 @@ def student_side(student_logits: torch.Tensor, teacher_values: torch.Tensor, spa
         "tokens": pairs.sum().to(torch.float32),
         "sequences": sequences,
     }
+
+
+class OfficialSummary(NamedTuple):
+    """The teacher side of the released code: the span softmax's top-k (``indices [1, B, k]``,
+    ``values [1, B, Lt, k]``, temperature ``tau_had``) and both sides' spans."""
+
+    temperatures: tuple[float, ...]
+    indices: torch.Tensor
+    values: torch.Tensor
+    spans: OfficialSpans
+
+
+def _teacher_summary(source: LogitSource, spans: OfficialSpans, cfg: MlotPreset) -> OfficialSummary:
+    with torch.no_grad():
+        if source.logits is not None:
+            indices, values = teacher_side(source.logits, spans, cfg)
+        else:
+            # Every span row at every column: the [B, L, m] span logits, never the [B, Tt, m] ones.
+            span_logits = rows_logits(source.hidden, source.weight, source.bias, spans.teacher_rows)
+            local = torch.arange(span_logits.shape[1], device=span_logits.device).unsqueeze(0).expand(span_logits.shape[0], -1)
+            indices, values = teacher_side(span_logits, spans._replace(teacher_rows=local), cfg)
+    return OfficialSummary((cfg.tau_had,), indices, values, spans)
+
+
+def official_multilevel_ot(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_labels: torch.Tensor,
+                           teacher_labels: torch.Tensor, **overrides) -> dict[str, torch.Tensor]:
+    """The released code's HAD, SL and SD sums for one teacher (see the module docstring).
+
+    Args:
+        student_logits ``[B, Ts, n]``, teacher_logits ``[B, Tt, m]``; HF unshifted labels of both.
+        overrides: fields of the official :class:`~mlot_ds.losses.presets.MlotPreset` (``k``, ``sinkhorn_lambda``, ...).
+
+    Returns:
+        ``{"had", "sl", "sd", "tokens", "sequences"}``; the loss is ``sum_t w_t * out[t] / sequences``.
+    """
+    cfg = resolve_preset("official", overrides)
+    spans = official_spans(student_labels, teacher_labels, skip_student_eos=cfg.skip_student_eos)
+    summary = _teacher_summary(LogitSource(logits=teacher_logits), spans, cfg)
+    return student_side(student_logits, summary.values[0], spans, cfg)
+
+
+@dataclass(frozen=True)
+class OfficialParams:
+    """The released code's settings (``loss: {kind: official, k: 50, ...}``)."""
+
+    k: PositiveInt = 50
+    tau_had: PositiveFloat = 1.0
+    tau_sl: PositiveFloat = 1.0
+    tau_sd: PositiveFloat = 2.0
+    sinkhorn_lambda: PositiveFloat = 0.1
+    sinkhorn_iters: PositiveInt = 10
+    std_eps: PositiveFloat = 1e-4
+    skip_student_eos: bool = True
+
+    def to_preset(self) -> MlotPreset:
+        base = PRESETS["official"]
+        changed = {name: getattr(self, name) for name in self.__dataclass_fields__ if getattr(base, name) != getattr(self, name)}
+        return resolve_preset(base, changed)
+
+
+class OfficialMultiLevelOT(Method):
+    """MultiLevelOT with the released code's numerics: whole answer spans (not pairs), batch ranking."""
+
+    name = "official"
+    Params = OfficialParams
+    terms = ("had", "sl", "sd")
+    denominator = "sequences"
+    cacheable = False
+    description = "MultiLevelOT as the released code computes it (spans, batch ranking, double softmax)"
+
+    def __init__(self, params=None, weights=None, context=None):
+
+        super().__init__(params, weights, context or MethodContext())
+        self.preset = self.params.to_preset()
+
+    @classmethod
+    def default_weights(cls, params) -> dict[str, float]:
+        return dict(PRESETS["official"].weights)
+
+    @classmethod
+    def cache_problem(cls, params) -> str | None:
+        return "the official method ranks over the whole batch, so nothing per record can be stored"
+
+    def teacher(self, source: LogitSource, view: TeacherView, gold: bool) -> TeacherOutput:
+        # The released code re-derives both answer spans from the labels; the pairing rule is not used.
+        spans = official_spans(view.student.labels, view.teacher.labels, skip_student_eos=self.preset.skip_student_eos)
+        return TeacherOutput(_teacher_summary(source, spans, self.preset), gold_if(source, view.teacher.labels, gold))
+
+    def counts(self, reduced: OfficialSummary, view: TeacherView) -> dict[str, float]:
+        pairs = torch.minimum(reduced.spans.student_count, reduced.spans.teacher_count)
+        return {"sequences": float((pairs > 0).sum())}
+
+    def student(self, logits, reduced: OfficialSummary, view: TeacherView, ce_labels=None) -> dict[str, torch.Tensor]:
+        out = student_side(logits, reduced.values[0], reduced.spans, self.preset)
+        return {name: out[name] for name in self.terms}

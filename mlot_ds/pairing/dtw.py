@@ -8,8 +8,9 @@ warping path may match one token with several on the other side; only **1:1 matc
 as MinED does before it uses a teacher distribution. Tokens in many-to-one stretches are not
 paired (MinED falls back to the one-hot target there, which our cross-entropy term already is).
 
-Both the cost matrix and the DTW recursion are vectorised with numpy; only the backtrack walks
-the path in Python (``n + m`` steps).
+The cost matrix comes from rapidfuzz's C++ Levenshtein (``backend="rapidfuzz"``, the default) or
+from the vectorised numpy table below (``backend="numpy"``); both give the same integers. The DTW
+recursion is vectorised with numpy; only the backtrack walks the path in Python (``n + m`` steps).
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
+try:
+    from rapidfuzz import process as _rf_process
+    from rapidfuzz.distance import Levenshtein as _rf_levenshtein
+except ImportError:  # pragma: no cover - exercised only without rapidfuzz
+    _rf_process = _rf_levenshtein = None
+
+EDIT_DISTANCE_BACKENDS = ("rapidfuzz", "numpy")
 
 
 def _pack(strings: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -65,8 +74,45 @@ def edit_distances(
 
 
 def string_edit_distances(a: Sequence[bytes], b: Sequence[bytes]) -> np.ndarray:
-    """:func:`edit_distances` on lists of byte strings."""
+    """:func:`edit_distances` on lists of byte strings (always numpy; see :func:`token_edit_distances`)."""
     return edit_distances(*_pack(a), *_pack(b))
+
+
+def check_backend(backend: str) -> None:
+    """Raise unless ``backend`` is one of :data:`EDIT_DISTANCE_BACKENDS` and usable here."""
+    if backend not in EDIT_DISTANCE_BACKENDS:
+        raise ValueError(f"unknown edit-distance backend {backend!r} (one of {', '.join(EDIT_DISTANCE_BACKENDS)})")
+    if backend == "rapidfuzz" and _rf_process is None:
+        raise ImportError("the rapidfuzz edit-distance backend needs rapidfuzz (pip install rapidfuzz), or pass backend='numpy'")
+
+
+def rapidfuzz_edit_distances(a: Sequence[bytes], b: Sequence[bytes], *, workers: int = 1) -> np.ndarray:
+    """Levenshtein distance (over bytes) of every pair ``(a[i], b[j])`` by rapidfuzz: ``[n, m]`` int32.
+
+    ``workers`` is rapidfuzz's thread count (``-1``: all cores). Keep 1 inside the engine: every
+    rank computes its own maps and pairs, and several ranks share a node's cores.
+    """
+    check_backend("rapidfuzz")
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), dtype=np.int32)
+    return _rf_process.cdist(a, b, scorer=_rf_levenshtein.distance, dtype=np.int32, workers=workers)
+
+
+def token_edit_distances(
+    a: Sequence[bytes], b: Sequence[bytes], *, backend: str = "rapidfuzz", workers: int = 1
+) -> np.ndarray:
+    """Levenshtein distance of every pair ``(a[i], b[j])`` of byte strings: ``[n, m]`` int32.
+
+    Args:
+        a, b: byte strings (token surfaces).
+        backend: ``rapidfuzz`` (C++, :func:`rapidfuzz_edit_distances`) or ``numpy``
+            (:func:`string_edit_distances`); the two give identical tables.
+        workers: rapidfuzz threads; 1 by default (see :func:`rapidfuzz_edit_distances`).
+    """
+    check_backend(backend)
+    if backend == "rapidfuzz":
+        return rapidfuzz_edit_distances(a, b, workers=workers)
+    return string_edit_distances(a, b)
 
 
 def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
@@ -112,20 +158,25 @@ def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
     return path
 
 
-def dtw_pairs(student_strings: Sequence[bytes], teacher_strings: Sequence[bytes]) -> list[tuple[int, int]]:
+def dtw_pairs(
+    student_strings: Sequence[bytes], teacher_strings: Sequence[bytes], *, backend: str = "rapidfuzz", workers: int = 1
+) -> list[tuple[int, int]]:
     """1:1 DTW matches ``(student token, teacher token)`` between two normalised token sequences.
 
     Args:
         student_strings: normalised strings (bytes) of the student's response tokens, in order.
         teacher_strings: the same for the teacher.
+        backend: edit-distance backend of the cost matrix, ``rapidfuzz`` or ``numpy`` (same result).
+        workers: rapidfuzz threads (1: the engine runs this on every rank).
 
     Returns:
         The matched index pairs in text order; a token that the warping path matches with more
         than one token of the other side is left out.
     """
+    check_backend(backend)
     if not student_strings or not teacher_strings:
         return []
-    path = dtw_path(string_edit_distances(student_strings, teacher_strings))
+    path = dtw_path(token_edit_distances(student_strings, teacher_strings, backend=backend, workers=workers))
     student_count = np.bincount([i for i, _ in path], minlength=len(student_strings))
     teacher_count = np.bincount([j for _, j in path], minlength=len(teacher_strings))
     return [(i, j) for i, j in path if student_count[i] == 1 and teacher_count[j] == 1]

@@ -1,4 +1,4 @@
-"""The ``position`` rule of ULD and of MultiLevelOT's released code (METHOD.md, "Pairing").
+"""The ``position`` rule of ULD and of MultiLevelOT's released code (docs/METHOD.md, "Pairing teacher and student tokens").
 
 Take each side's response tokens in order and pair them by index; keep the first
 ``min(n_student, n_teacher)`` pairs. The logit row that predicts response token ``q`` is ``q - 1``.

@@ -12,9 +12,9 @@ EOS, UNK, other special tokens) maps to ``None``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # transformers is heavy; only the type is needed here
@@ -164,7 +164,6 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     SentencePiece model for slow ones, else the vocabulary), added and special tokens, and the
     chat template. Used as the cache key of tokenized datasets and vocabulary maps.
     """
-    import hashlib
 
     digest = hashlib.sha256()
     digest.update(type(tokenizer).__name__.encode())

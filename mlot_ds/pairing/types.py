@@ -71,3 +71,21 @@ def pack_pairs(pairs_per_sequence: list[list[tuple[int, int]]]) -> Pairing:
             teacher_index[b, : len(pairs)] = rows[:, 1]
             mask[b, : len(pairs)] = True
     return Pairing(student_index, teacher_index, mask)
+
+
+class ModelBatch(NamedTuple):
+    """One model's view of a micro-batch (right-padded).
+
+    Attributes:
+        input_ids: ``[B, T]`` long: rendered prompt, response, and EOS when appended.
+        attention_mask: ``[B, T]`` long, 1 on real tokens.
+        labels: ``[B, T]`` long, Hugging Face (unshifted) convention: the response ids and the
+            final EOS, ``-100`` everywhere else (prompt, padding, and whole filler rows).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "ModelBatch":
+        return ModelBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))

@@ -11,10 +11,12 @@ The search never compares the two vocabularies pair by pair in Python:
 1. exact matches through a dict;
 2. distance 1 through hashed neighbourhoods (the string with one byte removed, keyed with and
    without its position), which finds every substitution, insertion and deletion neighbour;
-3. the remaining tokens (distance >= 2) against teacher tokens of nearby lengths, with Myers'
+3. the remaining tokens (distance >= 2) against teacher tokens of nearby lengths, widening the
+   length window ring by ring until no closer match can exist (a length difference of ``d``
+   forces a distance of at least ``d``). The distances of a ring come from rapidfuzz's C++
+   Levenshtein (``backend="rapidfuzz"``, the default) or, with ``backend="numpy"``, from Myers'
    bit-parallel edit distance vectorised over all (token, candidate) pairs (a plain vectorised
-   table for tokens longer than 64 bytes), widening the length window ring by ring until no
-   closer match can exist (a length difference of ``d`` forces a distance of at least ``d``).
+   table for tokens longer than 64 bytes). Both give the same distances, so the same map.
 
 Maps are cached on disk, keyed by both tokenizers' fingerprints.
 """
@@ -24,16 +26,16 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # transformers is heavy; only the type is needed here
     from transformers import PreTrainedTokenizerBase
 
-from mlot_ds.pairing.dtw import edit_distances
+from mlot_ds.pairing.dtw import check_backend, edit_distances, rapidfuzz_edit_distances
 from mlot_ds.pairing.surface import token_surface_bytes, tokenizer_fingerprint
 
 MAP_FORMAT_VERSION = 1
@@ -47,6 +49,8 @@ def mined_vocab_map(
     *,
     progress: bool = True,
     table_budget: int = 4_000_000,
+    backend: str = "rapidfuzz",
+    workers: int = 1,
 ) -> torch.Tensor:
     """Map every student token id to a teacher token id by minimum edit distance (MinED).
 
@@ -56,11 +60,17 @@ def mined_vocab_map(
         cache_dir: where to keep the map; ``None`` computes it every time.
         progress: show a progress bar over the distance >= 2 search.
         table_budget: cells of one vectorised Levenshtein table (bounds memory: 4 bytes a cell,
-            about three tables alive at once).
+            about three tables alive at once; rapidfuzz keeps only the ``[queries, candidates]``
+            result).
+        backend: edit-distance kernel of the distance >= 2 search, ``rapidfuzz`` or ``numpy``
+            (the same map; the cache does not depend on it).
+        workers: rapidfuzz threads. 1 by default: every rank of a run builds its maps, and
+            several ranks share a node's cores; ``-1`` uses all cores.
 
     Returns:
         ``[n]`` long tensor of teacher ids in ``[0, len(teacher_tokenizer))``.
     """
+    check_backend(backend)
     cache_file = None
     if cache_dir is not None:
         student_key = tokenizer_fingerprint(student_tokenizer)[:20]
@@ -70,7 +80,7 @@ def mined_vocab_map(
             cached = torch.load(cache_file, map_location="cpu", weights_only=True)
             if cached.shape == (len(student_tokenizer),):
                 return cached
-    mapping = _compute_map(student_tokenizer, teacher_tokenizer, progress, table_budget)
+    mapping = _compute_map(student_tokenizer, teacher_tokenizer, progress, table_budget, backend, workers)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(f".tmp{os.getpid()}")
@@ -79,7 +89,7 @@ def mined_vocab_map(
     return mapping
 
 
-def _compute_map(student, teacher, progress: bool, table_budget: int) -> torch.Tensor:
+def _compute_map(student, teacher, progress: bool, table_budget: int, backend: str, workers: int) -> torch.Tensor:
     student_surfaces = token_surface_bytes(student)
     teacher_surfaces = token_surface_bytes(teacher)
     mapping = np.full(len(student_surfaces), -1, dtype=np.int64)
@@ -133,7 +143,7 @@ def _compute_map(student, teacher, progress: bool, table_budget: int) -> torch.T
             remaining.append((student_id, surface))
 
     if remaining:
-        _search_far(remaining, candidates, mapping, progress, table_budget)
+        _search_far(remaining, candidates, mapping, progress, table_budget, backend, workers)
     return torch.from_numpy(mapping)
 
 
@@ -182,18 +192,24 @@ def bit_parallel_distances(query_codes: np.ndarray, candidate_codes: np.ndarray)
     return score
 
 
-def _search_far(remaining, candidates, mapping: np.ndarray, progress: bool, table_budget: int) -> None:
-    """Exact nearest teacher string for tokens with no neighbour within distance 1."""
+def _search_far(
+    remaining, candidates, mapping: np.ndarray, progress: bool, table_budget: int, backend: str, workers: int
+) -> None:
+    """Exact nearest teacher string for tokens with no neighbour within distance 1.
+
+    The numpy kernels read right-padded uint8 codes, rapidfuzz reads the byte strings themselves.
+    """
+    numpy_kernels = backend == "numpy"
     buckets: dict[int, list[tuple[bytes, int]]] = defaultdict(list)
     for surface, teacher_id in candidates:
         buckets[len(surface)].append((surface, teacher_id))
     packed = {}
     for length, items in buckets.items():
-        codes = np.zeros((len(items), max(length, 1)), dtype=np.uint8)
-        for row, (surface, _) in enumerate(items):
+        codes = np.zeros((len(items) if numpy_kernels else 0, max(length, 1)), dtype=np.uint8)
+        for row, (surface, _) in enumerate(items if numpy_kernels else ()):
             codes[row, :length] = np.frombuffer(surface, dtype=np.uint8)
         ids = np.array([teacher_id for _, teacher_id in items], dtype=np.int64)
-        packed[length] = (codes, np.full(len(items), length, dtype=np.int64), ids)
+        packed[length] = (codes, np.full(len(items), length, dtype=np.int64), ids, [surface for surface, _ in items])
     longest = max(buckets)
 
     by_length: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
@@ -201,10 +217,11 @@ def _search_far(remaining, candidates, mapping: np.ndarray, progress: bool, tabl
         by_length[len(surface)].append((student_id, surface))
     bar = tqdm(total=len(remaining), desc="MinED vocab map (distance >= 2)", disable=not progress)
     for query_length, queries in sorted(by_length.items()):
-        codes = np.zeros((len(queries), max(query_length, 1)), dtype=np.uint8)
-        for row, (_, surface) in enumerate(queries):
+        codes = np.zeros((len(queries) if numpy_kernels else 0, max(query_length, 1)), dtype=np.uint8)
+        for row, (_, surface) in enumerate(queries if numpy_kernels else ()):
             codes[row, :query_length] = np.frombuffer(surface, dtype=np.uint8)
         lengths = np.full(len(queries), query_length, dtype=np.int64)
+        query_strings = [surface for _, surface in queries]
         best = np.full(len(queries), np.iinfo(np.int64).max, dtype=np.int64)
         best_id = np.full(len(queries), -1, dtype=np.int64)
         best_ring = np.zeros(len(queries), dtype=np.int64)
@@ -218,13 +235,19 @@ def _search_far(remaining, candidates, mapping: np.ndarray, progress: bool, tabl
             for length in sorted({query_length - ring, query_length + ring}):
                 if length not in packed:
                     continue
-                cand_codes, cand_lengths, cand_ids = packed[length]
+                cand_codes, cand_lengths, cand_ids, cand_strings = packed[length]
                 bit_parallel = 1 <= query_length <= _WORD_BITS and length >= 1
-                cells = len(cand_ids) * (_BIT_PARALLEL_ARRAYS if bit_parallel else length + 1)
+                if numpy_kernels:
+                    cells = len(cand_ids) * (_BIT_PARALLEL_ARRAYS if bit_parallel else length + 1)
+                else:
+                    cells = len(cand_ids)  # rapidfuzz: only the int32 result table is ours
                 chunk = max(1, table_budget // cells)
                 for begin in range(0, active.size, chunk):
                     rows = active[begin : begin + chunk]
-                    if bit_parallel:
+                    if not numpy_kernels:
+                        distances = rapidfuzz_edit_distances([query_strings[r] for r in rows], cand_strings,
+                                                             workers=workers)
+                    elif bit_parallel:
                         distances = bit_parallel_distances(codes[rows], cand_codes)
                     else:
                         distances = edit_distances(codes[rows], lengths[rows], cand_codes, cand_lengths)

@@ -1,4 +1,4 @@
-"""Offline teacher cache: what a teacher's loss needs, computed once, stored memory-mapped and sharded.
+"""Offline teacher cache: what a teacher's method needs, computed once, stored memory-mapped and sharded.
 
 One folder per teacher (``TeacherConfig.cache_dir``)::
 
@@ -8,22 +8,18 @@ One folder per teacher (``TeacherConfig.cache_dir``)::
 
 Ranks build different chunks; a chunk file exists only once complete, so an interrupted build
 resumes with the missing ones. Every chunk holds, per record: ``record_ids`` and ``digests``
-(int64; the digest covers the teacher's input ids and its paired rows), ``pair_offsets`` (int64,
-``[r + 1]``, into the per-pair arrays), ``gold_ce`` and ``gold_tokens`` (float32, the teacher's
-summed cross-entropy on the gold response, for dynamic weights), and by loss kind:
-
-- ``mlot``: ``indices [r, G, k]`` int32, the ranked ids per sequence and temperature; ``values
-  [N, G, k]`` bfloat16, ``t^k`` of every pair (eq. 12). Exactly the live summary, rounded to bf16.
-- ``uld``: ``head [N, h]`` bfloat16, the ``h`` largest probabilities of every paired row in
-  descending order, and ``tail [N]`` float32, the rest's mass. ULD then uses
-  :func:`mlot_ds.losses.uld.uld_sorted_head`: exact for ``h >= m``, else lower by at most twice the
-  tail mass per token (documented there).
-- ``mined``: ``logits [N, U]`` bfloat16, the paired rows at the ``U`` teacher ids the MinED
-  vocabulary map uses (exact, rounded to bf16).
+(int64; the digest covers the teacher's input ids and the teacher rows the method reads),
+``row_offsets`` (int64, ``[r + 1]``, into the per-row arrays), ``gold_ce`` and ``gold_tokens``
+(float32, the teacher's summed cross-entropy on the gold response, for dynamic weights); and what
+the method stores (:meth:`~mlot_ds.losses.method.Method.to_cache`): ``record.<name>`` arrays
+``[r, ...]`` and ``row.<name>`` arrays ``[N, ...]``, one row per entry of the method's
+:meth:`~mlot_ds.losses.method.Method.cache_rows` (pairs for MultiLevelOT, ULD and MinED; response
+rows for the likelihood methods), in row-major order. What each method stores, and how exact it is,
+is in its class (e.g. MultiLevelOT: the ranked ids per record and ``t^k`` per pair in bf16).
 
 Files are read through ``safetensors.safe_open`` (memory-mapped): only the records of a
-micro-batch are copied out. The ``official`` preset ranks over the whole batch, so it has no
-per-record cache.
+micro-batch are copied out. Methods whose teacher side spans the whole batch (``official``)
+have no per-record cache.
 """
 
 from __future__ import annotations
@@ -36,12 +32,19 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mlot_ds import dist
 from mlot_ds.config import Recipe, RecipeError
+from mlot_ds.data.encode import ENCODE_FORMAT_VERSION, PAIRS_FORMAT_VERSION
+from mlot_ds.data.sources import resolve_data_path
+from mlot_ds.losses.method import TeacherOutput
+from mlot_ds.pairing.surface import tokenizer_fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+RECORD_PREFIX, ROW_PREFIX = "record.", "row."
 BINDING_KEYS = ("checkpoint", "tokenizer", "template", "data", "pairing", "loss")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SAMPLED_BLOCKS, BLOCK_BYTES = 16, 1 << 16
@@ -52,13 +55,6 @@ class TeacherCacheError(RecipeError):
 
 
 # ------------------------------------------------------------------------------------ binding
-
-
-def cache_folder(recipe: Recipe, index: int) -> Path:
-    teacher = recipe.teachers[index]
-    if teacher.cache_dir:
-        return Path(teacher.cache_dir).expanduser()
-    return Path(recipe.data.cache_dir or Path(recipe.train.output_dir) / "cache") / "teachers" / teacher.name
 
 
 def _sha(payload) -> str:
@@ -93,34 +89,18 @@ def _files_hash(path: Path) -> str:
 
 def data_fingerprint(recipe: Recipe, student_tokenizer) -> str:
     """The training records (file contents and loading settings) and how the student side sees them."""
-    from mlot_ds.engine.resolve import data_path
-    from mlot_ds.pairing.surface import tokenizer_fingerprint
-
     train, student = recipe.data.train, recipe.student
     return _sha({
-        "files": _files_hash(data_path(train, "data.train")), "adapter": train.adapter, "fields": train.fields,
+        "files": _files_hash(resolve_data_path(train.path, "data.train.path")), "adapter": train.adapter, "fields": train.fields,
         "limit": train.limit, "bad_rows": recipe.data.bad_rows, "max_length": recipe.data.max_length,
         "student_tokenizer": tokenizer_fingerprint(student_tokenizer), "student_template": dataclasses.asdict(student.template),
         "student_append_eos": student.append_eos, "distill_final_eos": student.distill_final_eos,
+        "encoding": [ENCODE_FORMAT_VERSION, PAIRS_FORMAT_VERSION],
     })
 
 
-def loss_settings(teacher_loss) -> dict:
-    """What decides the cached content: MultiLevelOT's k and temperatures, MinED's map; ULD nothing."""
-    kind = teacher_loss.config.kind
-    if kind == "mlot":
-        if teacher_loss.hparams.is_official:
-            raise TeacherCacheError("preset 'official' ranks over the whole batch and cannot be cached per record")
-        return {"kind": kind, "k": teacher_loss.hparams.k, "temperatures": list(teacher_loss.hparams.temperatures())}
-    if kind == "mined":
-        return {"kind": kind, "vocab_map": _sha(teacher_loss.student_to_teacher.tolist())}
-    return {"kind": kind}
-
-
-def binding(recipe: Recipe, index: int, model_path, teacher_tokenizer, student_tokenizer, teacher_loss) -> dict:
+def binding(recipe: Recipe, index: int, model_path, teacher_tokenizer, student_tokenizer, method) -> dict:
     """What a cache is bound to: teacher checkpoint, tokenizer, prompt template, data, pairing, loss."""
-    from mlot_ds.pairing.surface import tokenizer_fingerprint
-
     teacher = recipe.teachers[index]
     return {
         "checkpoint": checkpoint_hash(model_path),
@@ -128,7 +108,7 @@ def binding(recipe: Recipe, index: int, model_path, teacher_tokenizer, student_t
         "template": {**dataclasses.asdict(teacher.template), "append_eos": teacher.append_eos},
         "data": data_fingerprint(recipe, student_tokenizer),
         "pairing": teacher.pairing,
-        "loss": loss_settings(teacher_loss),
+        "loss": method.cache_settings(),
     }
 
 
@@ -144,10 +124,11 @@ def check_binding(found: dict, expected: dict, where: str, folder: Path) -> None
         )
 
 
-def record_digests(input_ids: torch.Tensor, attention_mask: torch.Tensor, pairing) -> list[int]:
-    """Per row: a 64-bit hash of the teacher's input ids and its paired teacher rows."""
+def record_digests(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                   mask: torch.Tensor) -> list[int]:
+    """Per sequence: a 64-bit hash of the teacher's input ids and the teacher rows ``rows[mask]`` read."""
     ids, lengths = input_ids.cpu(), attention_mask.sum(dim=1).cpu()
-    rows, mask = pairing.teacher_index.cpu(), pairing.mask.cpu()
+    rows, mask = rows.cpu(), mask.cpu()
     digests = []
     for b in range(ids.shape[0]):
         digest = hashlib.blake2b(ids[b, : int(lengths[b])].numpy().tobytes(), digest_size=8)
@@ -164,24 +145,23 @@ def chunk_path(folder: Path, chunk: int) -> Path:
 
 
 class TeacherCache:
-    """A complete cache folder, opened for reading; :meth:`read` gives what ``TeacherPool.reduce`` gives."""
+    """A complete cache folder, opened for reading; :meth:`read` gives what the live teacher gives."""
 
     def __init__(self, folder: Path, manifest: dict, where: str):
-        from safetensors import SafetensorError, safe_open
 
         self.folder, self.manifest, self.where = folder, manifest, where
-        self.kind = manifest["binding"]["loss"]["kind"]
-        self.temperatures = tuple(manifest["binding"]["loss"].get("temperatures", ()))
         self._handles, self._records = [], {}
         for chunk in range(manifest["num_chunks"]):
             try:
                 handle = safe_open(str(chunk_path(folder, chunk)), framework="pt")
-                small = {name: handle.get_tensor(name) for name in ("record_ids", "digests", "pair_offsets", "gold_ce",
-                                                                      "gold_tokens") + (("indices",) if self.kind == "mlot" else ())}
+                names = list(handle.keys())
+                small = {name: handle.get_tensor(name) for name in names if not name.startswith(ROW_PREFIX)}
             except (OSError, SafetensorError) as exc:
                 raise TeacherCacheError(f"{where}: {chunk_path(folder, chunk)} is damaged ({str(exc).splitlines()[0]}); "
                                         f"delete that chunk and run tools/cache_teachers.py again to rebuild it") from None
             self._handles.append(handle)
+            self._row_names = [name for name in names if name.startswith(ROW_PREFIX)]
+            self._record_names = [name for name in names if name.startswith(RECORD_PREFIX)]
             for row, record in enumerate(small["record_ids"].tolist()):
                 self._records[record] = (chunk, row, small)
 
@@ -197,112 +177,120 @@ class TeacherCache:
             raise TeacherCacheError(f"{where}: {manifest_path} is damaged or not a teacher-cache manifest; rebuild "
                                     f"the cache with tools/cache_teachers.py --overwrite")
         if manifest.get("format") != FORMAT_VERSION:
-            raise TeacherCacheError(f"{where}: {manifest_path} has format {manifest.get('format')}, expected {FORMAT_VERSION}; rebuild it")
+            raise TeacherCacheError(f"{where}: {manifest_path} has format {manifest.get('format')}, expected "
+                                    f"{FORMAT_VERSION}; rebuild it")
         check_binding(manifest["binding"], expected, where, folder)
         if manifest["num_records"] != num_records:
-            raise TeacherCacheError(f"{where}: the cache {folder} holds {manifest['num_records']} records, this run "
-                                    f"trains on {num_records} (the data, its limits or the few-shot examples changed); "
-                                    f"rebuild it")
+            raise TeacherCacheError(
+                f"{where}: the cache {folder} holds {manifest['num_records']} records, this run "
+                f"trains on {num_records} (the data, its limits or the few-shot examples changed); "
+                f"rebuild it"
+            )
         missing = [c for c in range(manifest["num_chunks"]) if not chunk_path(folder, c).is_file()]
         if missing:
-            raise TeacherCacheError(f"{where}: the cache {folder} is incomplete ({len(missing)} of {manifest['num_chunks']} "
-                                    f"chunks missing); run tools/cache_teachers.py again to finish it")
+            raise TeacherCacheError(
+                f"{where}: the cache {folder} is incomplete ({len(missing)} of {manifest['num_chunks']} "
+                f"chunks missing); run tools/cache_teachers.py again to finish it"
+            )
         return cls(folder, manifest, where)
 
-    def read(self, record_ids: torch.Tensor, inputs, pairing, teacher_loss, device: torch.device):
-        """``(reduced, gold)`` for one micro-batch, as the live teacher would give them (bf16-rounded)."""
-        from mlot_ds.engine.teacher_loss import SortedHead
-        from mlot_ds.losses import TeacherSummary
+    def read(self, record_ids: torch.Tensor, view, method, device: torch.device):
+        """The :class:`~mlot_ds.losses.method.TeacherOutput` of one micro-batch, as the live teacher
+        gives it (up to the storage precision the method chose), with the gold CE."""
 
         if record_ids is None:
             raise ValueError(f"{self.where}: a cached teacher needs the batch's record_ids")
-        mask = pairing.mask.cpu()
+        row_index, mask = method.cache_rows(view)
+        mask = mask.cpu()
         batch, width = mask.shape
-        counts, digests = mask.sum(dim=1).tolist(), record_digests(inputs.input_ids, inputs.attention_mask, pairing)
+        counts = mask.sum(dim=1).tolist()
+        digests = record_digests(view.teacher.input_ids, view.teacher.attention_mask, row_index, mask)
         gold = {"ce": torch.zeros(batch), "tokens": torch.zeros(batch)}
         parts = []
         for b, record in enumerate(record_ids.tolist()):
-            if record < 0:  # filler row: no labels, no pairs
+            if record < 0:  # filler row: no labels, no rows
                 continue
             if record not in self._records:
                 raise TeacherCacheError(f"{self.where}: record {record} is not in the cache {self.folder}; rebuild it")
             chunk, row, small = self._records[record]
-            start, stop = small["pair_offsets"][row : row + 2].tolist()
+            start, stop = small["row_offsets"][row : row + 2].tolist()
             if stop - start != counts[b] or int(small["digests"][row]) != digests[b]:
-                raise TeacherCacheError(f"{self.where}: record {record} was cached from other tokens or pairs than this "
-                                        f"run's ({stop - start} vs {counts[b]} pairs); rebuild {self.folder}")
+                raise TeacherCacheError(
+                    f"{self.where}: record {record} was cached from other tokens or rows than this "
+                    f"run's ({stop - start} vs {counts[b]} rows); rebuild {self.folder}"
+                )
             gold["ce"][b], gold["tokens"][b] = small["gold_ce"][row], small["gold_tokens"][row]
             parts.append((b, chunk, row, small, start, stop))
-        if self.kind == "mlot":
-            groups, k = len(self.temperatures), self._width("values", 2)
-            indices = torch.zeros(groups, batch, k, dtype=torch.long)
-            values = torch.zeros(groups, batch, width, k)
+        records, rows = {}, {}
+        for name in self._record_names:
+            example = self._records[next(iter(self._records))][2][name]
+            records[name[len(RECORD_PREFIX) :]] = out = torch.zeros((batch, *example.shape[1:]), dtype=example.dtype)
             for b, chunk, row, small, start, stop in parts:
-                indices[:, b] = small["indices"][row].long()
-                values[:, b, : stop - start] = self._handles[chunk].get_slice("values")[start:stop].float().permute(1, 0, 2)
-            reduced = TeacherSummary(self.temperatures, indices.to(device), values.to(device))
-        elif self.kind == "uld":
-            probs, tail = torch.zeros(batch, width, self._width("head", 1)), torch.zeros(batch, width)
+                out[b] = small[name][row]
+        for name in self._row_names:
+            shape = self._handles[0].get_slice(name).get_shape()
+            first = self._handles[0].get_slice(name)[0:1]
+            rows[name[len(ROW_PREFIX) :]] = out = torch.zeros((batch, width, *shape[1:]), dtype=first.dtype)
             for b, chunk, row, small, start, stop in parts:
-                probs[b, : stop - start] = self._handles[chunk].get_slice("head")[start:stop].float()
-                tail[b, : stop - start] = self._handles[chunk].get_slice("tail")[start:stop]
-            reduced = SortedHead(probs.to(device), tail.to(device))
-        else:
-            logits = torch.zeros(batch, width, self._width("logits", 1))
-            for b, chunk, row, small, start, stop in parts:
-                logits[b, : stop - start] = self._handles[chunk].get_slice("logits")[start:stop].float()
-            reduced = logits.to(device)
-        return reduced, {name: value.to(device) for name, value in gold.items()}
-
-    def _width(self, name: str, dim: int) -> int:
-        return self._handles[0].get_slice(name).get_shape()[dim]
+                out[b, : stop - start] = self._handles[chunk].get_slice(name)[start:stop]
+        records = {name: value.to(device) for name, value in records.items()}
+        rows = {name: value.to(device) for name, value in rows.items()}
+        return TeacherOutput(method.from_cache(records, rows, view), {name: v.to(device) for name, v in gold.items()})
 
 
-def open_caches(recipe: Recipe, inputs, teacher_losses: dict) -> dict[str, TeacherCache]:
+def open_caches(recipe: Recipe, inputs, methods: dict) -> dict[str, TeacherCache]:
     """Open and verify the cache of every ``source: cache`` teacher (``inputs``: a ``RunInputs``)."""
     caches = {}
     for index, teacher in enumerate(recipe.teachers):
         if teacher.source != "cache":
             continue
         where = f"teachers[{index}]"
-        expected = binding(recipe, index, inputs.teachers[index].model, inputs.teacher_tokenizers[teacher.name],
-                           inputs.student_tokenizer, teacher_losses[teacher.name])
-        caches[teacher.name] = TeacherCache.open(cache_folder(recipe, index), expected, where, inputs.data.num_records)
+        expected = binding(
+            recipe,
+            index,
+            inputs.teachers[index].model,
+            inputs.teacher_tokenizers[teacher.name],
+            inputs.student_tokenizer,
+            methods[teacher.name],
+        )
+        caches[teacher.name] = TeacherCache.open(
+            recipe.paths().teacher_caches[teacher.name], expected, where, inputs.data.num_records
+        )
     return caches
 
 
 # ------------------------------------------------------------------------------------ building
 
 
-def chunk_tensors(kind: str, reduced, gold: dict, pairing, record_ids: torch.Tensor, digests: list[int],
-                  uld_head: int) -> dict[str, torch.Tensor]:
-    """One micro-batch's real records as cache arrays (CPU); pairs stay in row-major (b, p) order."""
-    from mlot_ds.losses.uld import teacher_sorted_head
-
-    mask, real = pairing.mask.cpu(), record_ids.cpu() >= 0
+def chunk_tensors(method, output, view, record_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One micro-batch's real records as cache arrays (CPU); rows stay in row-major ``(b, p)`` order."""
+    row_index, mask = method.cache_rows(view)
+    mask, real = mask.cpu(), record_ids.cpu() >= 0
     if mask[~real].any():
         raise ValueError("a filler row has pairs")
-    out = {"record_ids": record_ids.cpu()[real], "digests": torch.tensor(digests, dtype=torch.long)[real],
-           "pair_counts": mask.sum(dim=1)[real], "gold_ce": gold["ce_per_sequence"].float().cpu()[real],
-           "gold_tokens": gold["tokens_per_sequence"].float().cpu()[real]}
-    if kind == "mlot":
-        out["indices"] = reduced.indices.permute(1, 0, 2).cpu()[real].to(torch.int32)
-        out["values"] = reduced.values.permute(1, 2, 0, 3).cpu()[mask].to(torch.bfloat16)
-    elif kind == "uld":
-        head, tail = teacher_sorted_head(reduced.cpu()[mask], uld_head)
-        out["head"], out["tail"] = head.to(torch.bfloat16), tail.float()
-    else:
-        out["logits"] = reduced.cpu()[mask].to(torch.bfloat16)
+    digests = record_digests(view.teacher.input_ids, view.teacher.attention_mask, row_index, mask)
+    gold = output.gold
+    out = {
+        "record_ids": record_ids.cpu()[real],
+        "digests": torch.tensor(digests, dtype=torch.long)[real],
+        "row_counts": mask.sum(dim=1)[real],
+        "gold_ce": gold["ce"].float().cpu()[real],
+        "gold_tokens": gold["tokens"].float().cpu()[real],
+    }
+    records, rows = method.to_cache(output.reduced, view)
+    for name, value in records.items():
+        out[RECORD_PREFIX + name] = value.cpu()[real]
+    for name, value in rows.items():
+        out[ROW_PREFIX + name] = value.cpu()[mask]
     return out
 
 
 def write_chunk(folder: Path, chunk: int, parts: list[dict[str, torch.Tensor]]) -> None:
     """Concatenate a chunk's micro-batch arrays and write them atomically (temporary file, rename)."""
-    from safetensors.torch import save_file
 
-    tensors = {name: torch.cat([part[name] for part in parts]).contiguous() for name in parts[0] if name != "pair_counts"}
-    counts = torch.cat([part["pair_counts"] for part in parts])
-    tensors["pair_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    tensors = {name: torch.cat([part[name] for part in parts]).contiguous() for name in parts[0] if name != "row_counts"}
+    counts = torch.cat([part["row_counts"] for part in parts])
+    tensors["row_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     temporary = folder / f".chunk-{chunk:05d}.rank{dist.rank()}.tmp"
     save_file(tensors, str(temporary), metadata={"format": str(FORMAT_VERSION)})
     os.replace(temporary, chunk_path(folder, chunk))
@@ -321,17 +309,25 @@ def prepare_folder(folder: Path, manifest: dict, where: str, overwrite: bool) ->
     found = _read_manifest(existing) if existing.is_file() else None
     foreign = sorted(p.name for p in folder.iterdir() if not _is_cache_file(p.name)) if folder.is_dir() else []
     if (existing.is_file() and found is None) or (foreign and found is None):
-        what = f"{existing} is not a teacher-cache manifest" if existing.is_file() else \
-            f"it holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
-        raise TeacherCacheError(f"{where}.cache_dir: {folder} is not a teacher cache ({what}); refusing to write "
-                                f"into it: set {where}.cache_dir to a new or empty folder")
-    layout = ("format", "num_records", "chunk_records", "uld_head")
-    stale = found is not None and (found.get("binding") != manifest["binding"]
-                                   or any(found.get(key) != manifest[key] for key in layout))
+        what = (
+            f"{existing} is not a teacher-cache manifest"
+            if existing.is_file()
+            else f"it holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+        )
+        raise TeacherCacheError(
+            f"{where}.cache_dir: {folder} is not a teacher cache ({what}); refusing to write "
+            f"into it: set {where}.cache_dir to a new or empty folder"
+        )
+    layout = ("format", "num_records", "chunk_records")
+    stale = found is not None and (
+        found.get("binding") != manifest["binding"] or any(found.get(key) != manifest[key] for key in layout)
+    )
     if stale and not overwrite:
         check_binding(found.get("binding", {}), manifest["binding"], where, folder)
-        raise TeacherCacheError(f"{where}: the cache {folder} has another layout "
-                                f"({', '.join(f'{k}={found.get(k)}' for k in layout)}); pass --overwrite to rebuild it")
+        raise TeacherCacheError(
+            f"{where}: the cache {folder} has another layout "
+            f"({', '.join(f'{k}={found.get(k)}' for k in layout)}); pass --overwrite to rebuild it"
+        )
 
     def write():
         if stale:
@@ -357,8 +353,11 @@ def _read_manifest(path: Path) -> dict | None:
 
 def _is_cache_file(name: str) -> bool:
     """The files a cache build writes: its manifest and its chunks (complete or in progress)."""
-    return (name in (MANIFEST, MANIFEST + ".tmp") or (name.startswith("chunk-") and name.endswith(".safetensors"))
-            or (name.startswith(".chunk-") and name.endswith(".tmp")))
+    return (
+        name in (MANIFEST, MANIFEST + ".tmp")
+        or (name.startswith("chunk-") and name.endswith(".safetensors"))
+        or (name.startswith(".chunk-") and name.endswith(".tmp"))
+    )
 
 
 def pending_chunks(folder: Path, num_chunks: int, max_chunks: int | None) -> list[int]:

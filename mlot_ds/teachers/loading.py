@@ -7,12 +7,17 @@ own shard. A replicated model is loaded with that switch explicitly off.
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from mlot_ds.errors import BadInput
 
@@ -37,6 +42,27 @@ def check_model_folder(path: str | Path, where: str) -> Path:
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{where}: {folder} has no config.json (expected a Hugging Face model folder)")
     return folder
+
+
+def teacher_ds_config(student_config: dict, placement: str, micro_batch_size: int) -> dict:
+    """A frozen teacher's DeepSpeed config: the student's ZeRO-3 settings for inference, no optimizer,
+    parameters offloaded to the CPU for ``placement="offload"``."""
+    zero = copy.deepcopy(student_config.get("zero_optimization", {}))
+    for key in ("offload_optimizer",):
+        zero.pop(key, None)
+    if placement == "offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    else:
+        zero.pop("offload_param", None)
+    zero["stage"] = 3
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": copy.deepcopy(student_config.get("bf16", {"enabled": False})),
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -105,10 +131,6 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype, trust_remote_code: b
             full copy (the ``replicate`` placement).
         where: the recipe field, for error messages.
     """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     folder = check_model_folder(path, where)
     check_model_weights(folder, where)
@@ -136,7 +158,6 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype, trust_remote_code: b
 
 def embedding_rows(path: str | Path) -> int:
     """The model's output vocabulary size (may exceed ``len(tokenizer)``, Qwen-style)."""
-    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(Path(path), local_files_only=True)

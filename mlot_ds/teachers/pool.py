@@ -1,7 +1,7 @@
 """Frozen teachers: one no-optimizer DeepSpeed engine each (or a plain replica, or an offline cache),
 run in a fixed order.
 
-Collective discipline: :meth:`TeacherPool.reduce` is called by every rank for every micro-batch and
+Collective discipline: :meth:`TeacherPool.run` is called by every rank for every micro-batch and
 every teacher, in the recipe's order, exactly once. Nothing here branches on rank, so the ZeRO-3
 parameter gathers line up across ranks. A cached teacher (``source: cache``) runs no forward and
 no collective, the same on every rank.
@@ -16,12 +16,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 
 from mlot_ds.config import TeacherConfig
-from mlot_ds.engine.ds_config import teacher_ds_config
+from mlot_ds.losses.method import LogitSource, Method, TeacherOutput, TeacherView
 from mlot_ds.teachers import chunked
-from mlot_ds.teachers.loading import load_causal_lm, resolve_dtype
+from mlot_ds.teachers.loading import load_causal_lm, resolve_dtype, teacher_ds_config
 
 
 @dataclass
@@ -49,7 +50,6 @@ class TeacherPool:
     def load(cls, configs: list[TeacherConfig], model_paths: list[str], student_ds_config: dict,
              micro_batch_size: int, device: torch.device, caches: dict | None = None) -> "TeacherPool":
         """Load the live teachers; ``caches`` maps each ``source: cache`` teacher's name to its opened cache."""
-        import deepspeed
 
         bf16 = bool(student_ds_config.get("bf16", {}).get("enabled", False))
         teachers = []
@@ -92,35 +92,40 @@ class TeacherPool:
         return output.logits
 
     @torch.no_grad()
-    def reduce(self, teacher: Teacher, inputs, pairing, teacher_loss, *, with_gold_ce: bool, record_ids=None):
-        """One teacher's contribution to a micro-batch: what its loss needs, and (``with_gold_ce``)
-        its cross-entropy on the gold response, for dynamic weights.
+    def run(self, teacher: Teacher, view: TeacherView, method: Method, *, gold: bool, record_ids=None) -> TeacherOutput:
+        """One teacher's contribution to a micro-batch: what its method keeps of the logits, and
+        (``gold``) its cross-entropy on the gold response per sequence, for dynamic weights.
 
         Args:
-            inputs: the teacher's :class:`~mlot_ds.data.ModelBatch`.
-            pairing: the pairing ``teacher_loss`` uses (see :meth:`TeacherLoss.pairing_for`).
+            view: the micro-batch as the method sees it (pairing, both sides' tensors).
             record_ids: ``[B]`` record ids (``-1`` = filler); needed by a cached teacher.
 
-        Returns:
-            ``(reduced, gold)``: ``reduced`` for :meth:`TeacherLoss.terms`; ``gold`` is ``None`` or
-            ``{"ce", "tokens"}`` sums plus ``"ce_per_sequence"``, ``"tokens_per_sequence"`` ``[B]``.
-            No ``[B, T, V]`` tensor outlives this call.
+        No ``[B, T, V]`` tensor outlives this call.
         """
+        inputs = view.teacher
         if teacher.cache is not None:
-            reduced, gold = teacher.cache.read(record_ids, inputs, pairing, teacher_loss, self.device)
-        elif teacher.hidden_path:
-            labels = inputs.labels.to(self.device) if with_gold_ce else None
-            reduced, gold = chunked.reduce_with_output_layer(
+            return teacher.cache.read(record_ids, view, method, self.device)
+        if teacher.hidden_path:
+            return chunked.reduce_with_output_layer(
                 teacher.module, inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device),
-                lambda hidden, weight, bias: teacher_loss.reduce_hidden(hidden, weight, bias, pairing, labels))
-        else:
-            from mlot_ds.losses.ce import ce_per_sequence
+                lambda hidden, weight, bias: method.teacher(LogitSource(hidden=hidden, weight=weight, bias=bias),
+                                                            view, gold))
+        logits = self.logits(teacher, inputs.input_ids, inputs.attention_mask)
+        output = method.teacher(LogitSource(logits=logits), view, gold)
+        del logits
+        return output
 
-            logits = self.logits(teacher, inputs.input_ids, inputs.attention_mask)
-            reduced = teacher_loss.reduce(logits, pairing)
-            gold = ce_per_sequence(logits, inputs.labels.to(logits.device)) if with_gold_ce else None
-            del logits
-        if not with_gold_ce or gold is None:
-            return reduced, None
-        return reduced, {"ce": gold["ce"].sum(), "tokens": gold["tokens"].sum(),
-                         "ce_per_sequence": gold["ce"], "tokens_per_sequence": gold["tokens"]}
+    @torch.no_grad()
+    def run_shared(self, teacher: Teacher, items: list[tuple[TeacherView, Method]], *, gold: bool) -> list[TeacherOutput]:
+        """One forward of ``teacher`` serving several methods (``items``: each with its own view of the
+        same teacher inputs), e.g. to build the caches of several losses of one teacher model at once."""
+        inputs = items[0][0].teacher
+        if teacher.hidden_path:
+            return chunked.reduce_with_output_layer(
+                teacher.module, inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device),
+                lambda hidden, weight, bias: [method.teacher(LogitSource(hidden=hidden, weight=weight, bias=bias),
+                                                             view, gold) for view, method in items])
+        logits = self.logits(teacher, inputs.input_ids, inputs.attention_mask)
+        outputs = [method.teacher(LogitSource(logits=logits), view, gold) for view, method in items]
+        del logits
+        return outputs

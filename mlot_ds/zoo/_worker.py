@@ -2,8 +2,8 @@
 
     python -m mlot_ds.zoo._worker '<json job>'
 
-The job holds the settings (as ``dataclasses.asdict``), the zoo folder, the members, whether to show
-progress bars, the bar position and the parent's log level.
+The job holds the settings (as ``dataclasses.asdict``), the members and the zoo folder of each,
+whether to show progress bars, the bar position and the parent's log level.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
         return 2
     job = json.loads(argv[0])
     logging.basicConfig(level=job["log_level"], format="%(message)s", stream=sys.stderr)
-    build_lane(job["members"], ZooSettings(**job["settings"]), Path(job["root"]), job["progress"], job["position"])
+    roots = {member: Path(root) for member, root in job["roots"].items()}
+    build_lane(job["members"], ZooSettings(**job["settings"]), roots, job["progress"], job["position"])
     return 0
 
 

@@ -6,6 +6,8 @@
 | teacher-qwen | ``Qwen2ForCausalLM`` (tied head) | ``len(tokenizer)`` rounded *up* past the next multiple of 128 |
 | teacher-opt | ``OPTForCausalLM`` (learned positions, pre-LayerNorm) | ``len(tokenizer)`` |
 | student | ``GPT2LMHeadModel`` | ``len(tokenizer)`` |
+| student-wide | ``GPT2LMHeadModel`` | ``len(tokenizer)`` |
+| student-smol | ``LlamaForCausalLM`` (as SmolLM2: tied head, grouped-query attention) | ``len(tokenizer)`` (49,152) |
 
 teacher-qwen's extra rows copy released Qwen checkpoints, whose embedding is larger than the
 tokenizer: code that reads logits must never assume ``logits.shape[-1] == len(tokenizer)``.
@@ -37,6 +39,8 @@ ARCHITECTURES = {
     "teacher-qwen": "Qwen2ForCausalLM",
     "teacher-opt": "OPTForCausalLM",
     "student": "GPT2LMHeadModel",
+    "student-wide": "GPT2LMHeadModel",
+    "student-smol": "LlamaForCausalLM",
 }
 
 
@@ -67,6 +71,9 @@ def build_model(member: str, spec: MemberSpec, tokenizer: PreTrainedTokenizerBas
     )
     if member == "teacher-llama":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **decoder))
+    elif member == "student-smol":
+        # SmolLM2 ties its head to the embedding; with 49k rows the head would otherwise dominate.
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **decoder))
     elif member == "teacher-qwen":
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=padded_vocab_size(len(tokenizer)), tie_word_embeddings=True,
                                              **decoder))
@@ -85,7 +92,7 @@ def build_model(member: str, spec: MemberSpec, tokenizer: PreTrainedTokenizerBas
             **ids,
         )
         model = OPTForCausalLM(config)
-    elif member == "student":
+    elif member in ("student", "student-wide"):
         config = GPT2Config(
             vocab_size=len(tokenizer),
             n_embd=spec.hidden_size,

