@@ -18,6 +18,23 @@ from /proc (VmHWM reset before the run). Variants:
 - ``naive mlot``: CE + a per-token full-sort MultiLevelOT that materialises every intermediate.
 - ``released code``: our transcription of the released ``DistillationLoss`` (std-normalised full
   logits, zero-padded span softmax, batch argsort, plain Sinkhorn per sample) with HF-style CE.
+- ``ce+<kind> student`` for ``kind`` in ``kl``, ``alm``, ``vocagnolm``, ``cdm``: the student side of
+  ``METHODS[kind]`` (``method.student``) from its teacher side, which is computed once from the full
+  teacher logits outside the timed region (``method.teacher``, like the MultiLevelOT summary), plus
+  CE: fused into the same pass where the class fuses it (``fuses_ce``: kl at temperature 1, alm,
+  vocagnolm), else ``masked_ce`` on its own (cdm). The loss is ``CE / tokens + sum_t w_t * term_t /
+  count`` with the class's default weights and its own denominator (``method.counts``, also outside).
+
+Inputs of the method variants, all synthetic and deterministic: ``kl`` gets a teacher of the
+student's vocabulary (random logits, ``same_tokenizer``) and position pairing. ``alm``,
+``vocagnolm`` and ``cdm`` get the shape's teacher and a made-up response text: words of 2-9 bytes
+(half with a leading space), each cut into 1-3 tokens independently on each side, until one side
+has its ``response`` tokens; the offsets pairing, its group stops and the token overlaps come from
+those byte spans (``offset_groups``, ``token_overlaps``, as the data pipeline builds them), so
+groups have 1-3 tokens on each side and most student tokens overlap one teacher token. Token
+surfaces: unique strings of 1-9 letters, about half with a leading space, the last id special; the
+teacher reuses 80% of the student's strings (the exact matches CDM maps by) and makes up the rest.
+The labels stay the random ids of the other variants.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -34,7 +52,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mlot_ds.losses import PRESETS, TERMS, masked_ce, multilevel_ot_from_summary, teacher_summary, uld
-from mlot_ds.pairing import position_pairing
+from mlot_ds.losses.method import LogitSource, MethodContext, TeacherView
+from mlot_ds.losses.registry import METHODS
+from mlot_ds.pairing import IGNORE_INDEX, ModelBatch, Pairing, position_pairing
+from mlot_ds.pairing.offsets import offset_groups
+from mlot_ds.pairing.overlaps import token_overlaps
 
 SHAPES = {
     "large": dict(batch=4, seq_len=512, response=256, student_vocab=50_000, teacher_vocab=128_000),
@@ -49,8 +71,12 @@ VARIANTS = [
     "naive mlot",
     "released code",
 ]
+METHOD_KINDS = ("kl", "alm", "vocagnolm", "cdm")
+METHOD_VARIANTS = {f"ce+{kind} student": kind for kind in METHOD_KINDS}
+VARIANTS += list(METHOD_VARIANTS)
 LARGE_OPT_IN = ("ce+uld", "naive mlot")
 K = 50
+SHARED_SURFACES = 0.8  # fraction of the student's token strings the synthetic teacher vocabulary reuses
 
 
 def make_inputs(shape):
@@ -111,17 +137,30 @@ def released_code_loss(student_logits, teacher_logits, s_labels, t_labels, k=K):
     teacher = teacher_logits / (teacher_logits.std(dim=-1, keepdim=True) + 1e-4)
     student_rows, teacher_rows = [], []
     for i, (start, size) in enumerate(s_spans):
-        student_rows.append(torch.cat((torch.softmax(student[i, start : start + size], -1), torch.zeros_like(student[i, : student.shape[1] - size]))))
+        student_rows.append(
+            torch.cat(
+                (torch.softmax(student[i, start : start + size], -1), torch.zeros_like(student[i, : student.shape[1] - size]))
+            )
+        )
     for i, (start, size) in enumerate(t_spans):
-        teacher_rows.append(torch.cat((torch.softmax(teacher[i, start : start + size], -1), torch.zeros_like(teacher[i, : teacher.shape[1] - size]))))
+        teacher_rows.append(
+            torch.cat(
+                (torch.softmax(teacher[i, start : start + size], -1), torch.zeros_like(teacher[i, : teacher.shape[1] - size]))
+            )
+        )
     lmax = max(max(s for _, s in s_spans), max(s for _, s in t_spans))
     student, teacher = torch.stack(student_rows)[:, :lmax], torch.stack(teacher_rows)[:, :lmax]
     teacher = teacher[:, :, torch.argsort(teacher.sum(dim=(0, 1)), descending=True)][:, :, :k]
     student = student[:, :, torch.argsort(student.sum(dim=(0, 1)), descending=True)][:, :, :k]
-    had = torch.stack([
-        (student[i, : min(s_spans[i][1], t_spans[i][1])] - teacher[i, : min(s_spans[i][1], t_spans[i][1])]).abs().sum(-1).mean(-1)
-        for i in range(student.shape[0])
-    ])
+    had = torch.stack(
+        [
+            (student[i, : min(s_spans[i][1], t_spans[i][1])] - teacher[i, : min(s_spans[i][1], t_spans[i][1])])
+            .abs()
+            .sum(-1)
+            .mean(-1)
+            for i in range(student.shape[0])
+        ]
+    )
     sl = -(torch.softmax(student, -1) * torch.log_softmax(teacher, -1)).sum(-1).mean()
     sd = 0.0
     for i in range(student.shape[0]):
@@ -132,6 +171,121 @@ def released_code_loss(student_logits, teacher_logits, s_labels, t_labels, k=K):
             plan = plan / plan.sum(dim=0, keepdim=True)
         sd = sd + 0.001 * (plan * cost).sum()
     return ce + 1.5 * ((had + 0.1 * sl).mean() + 0.1 * sd)
+
+
+LETTERS = b"abcdefghijklmnopqrstuvwxyz"
+
+
+def synthetic_surfaces(count, seed, shared=()):
+    """``count`` token surfaces: unique byte strings of 1-9 letters, about half with a leading space, in
+    random id order, and a special last id (``None``). ``shared`` strings are reused first."""
+    rng = random.Random(seed)
+    strings = list(dict.fromkeys(shared))[: count - 1]
+    seen = set(strings)
+    while len(strings) < count - 1:
+        size = rng.choices(range(1, 10), weights=(3, 6, 8, 8, 7, 6, 4, 3, 2))[0]
+        surface = (b" " if rng.random() < 0.5 else b"") + bytes(rng.choices(LETTERS, k=size))
+        if surface not in seen:
+            seen.add(surface)
+            strings.append(surface)
+    rng.shuffle(strings)
+    return tuple(strings) + (None,)
+
+
+def _cut(rng, size, whole=False):
+    """Byte lengths of the 1-3 tokens one side cuts a word of ``size`` bytes into (1 if ``whole``)."""
+    pieces = 1 if whole else min(size, rng.choices((1, 2, 3), weights=(7, 2, 1))[0])
+    cuts = sorted(rng.sample(range(1, size), pieces - 1))
+    return [b - a for a, b in zip([0, *cuts], [*cuts, size])]
+
+
+def synthetic_alignment(response, seed):
+    """Byte spans of a made-up response on both sides: words of 2-9 bytes, each cut into 1-3 tokens on
+    each side independently (a side more than 2 tokens ahead keeps the word whole, so the two stay
+    close), until a word kept whole would give one side more than ``response`` tokens."""
+    rng = random.Random(seed)
+    spans = ([], [])
+    start = 0
+    while True:
+        size = rng.randint(2, 9)
+        lead = len(spans[0]) - len(spans[1])
+        lengths = (_cut(rng, size, lead > 2), _cut(rng, size, lead < -2))
+        if any(len(side) + len(new) > response for side, new in zip(spans, lengths)):
+            lengths = ([size], [size])
+            if any(len(side) + 1 > response for side in spans):
+                return spans
+        for side, new in zip(spans, lengths):
+            position = start
+            for length in new:
+                side.append((position, position + length))
+                position += length
+        start += size
+
+
+def cross_tokenizer_view(s_labels, t_labels, seed=0):
+    """The offsets pairing with its group stops and the student tokens' overlaps, as the data pipeline
+    builds them, from :func:`synthetic_alignment` (response tokens outside the text: unpaired, unmapped)."""
+    batch, response = s_labels.shape[0], int((s_labels[0] != IGNORE_INDEX).sum())
+    s_prompt = int((s_labels[0] != IGNORE_INDEX).nonzero()[0])
+    t_prompt = int((t_labels[0] != IGNORE_INDEX).nonzero()[0])
+    fields, lo, hi = [], torch.zeros(batch, response, dtype=torch.long), torch.zeros(batch, response, dtype=torch.long)
+    for b in range(batch):
+        s_spans, t_spans = synthetic_alignment(response, seed + b)
+        groups = offset_groups(s_spans, t_spans)
+        # Response token q is at position prompt + q; its group [start, stop) is predicted by the rows
+        # prompt + start - 1 .. prompt + stop - 2.
+        fields.append([(s_prompt + g.student_tokens.start - 1, s_prompt + g.student_tokens.stop - 1,
+                        t_prompt + g.teacher_tokens.start - 1, t_prompt + g.teacher_tokens.stop - 1) for g in groups])
+        ranges = token_overlaps(s_spans, t_spans)
+        ranges += [(len(t_spans), len(t_spans))] * (response - len(ranges))
+        lo[b], hi[b] = torch.tensor(ranges).T
+    width = max(len(f) for f in fields)
+    packed = torch.zeros(4, batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.bool)
+    for b, rows in enumerate(fields):
+        packed[:, b, : len(rows)] = torch.tensor(rows).T
+        mask[b, : len(rows)] = True
+    pairing = Pairing(packed[0], packed[2], mask)
+    groups = (packed[1] * mask, packed[3] * mask)
+    overlaps = (lo, hi, torch.ones(batch, response, dtype=torch.bool))
+    return TeacherView(pairing, model_batch(s_labels), model_batch(t_labels), groups, overlaps)
+
+
+def model_batch(labels):
+    return ModelBatch(labels.clamp(min=0), torch.ones_like(labels), labels)
+
+
+def setup_method(kind, shape, inputs):
+    """``(method, reduced, view, count, ce_tokens)``: ``METHODS[kind]``, its teacher side from the full
+    teacher logits, its view, its denominator and CE's token count."""
+    _, teacher, s_labels, t_labels = inputs
+    n, m = shape["student_vocab"], shape["teacher_vocab"]
+    if kind == "kl":
+        # Same tokenizer: a teacher of the student's vocabulary, its own random logits, position pairing.
+        gen = torch.Generator().manual_seed(1)
+        teacher = torch.randn(shape["batch"], shape["seq_len"], n, generator=gen) * 3
+        view = TeacherView(position_pairing(s_labels, s_labels), model_batch(s_labels), model_batch(s_labels))
+        context = MethodContext(student_vocab=n, teacher_vocab=n, same_tokenizer=True)
+    else:
+        view = cross_tokenizer_view(s_labels, t_labels)
+        student_surfaces = synthetic_surfaces(n, seed=1)
+        text = [s for s in student_surfaces if s is not None]
+        shared = random.Random(2).sample(text, int(SHARED_SURFACES * len(text)))
+        context = MethodContext(student_surfaces=student_surfaces, teacher_surfaces=synthetic_surfaces(m, 3, shared),
+                                student_vocab=n, teacher_vocab=m)
+    method = METHODS[kind](None, None, context)
+    with torch.no_grad():
+        reduced = method.teacher(LogitSource(logits=teacher), view, gold=False).reduced
+    count = method.counts(reduced, view)[method.denominator]
+    return method, reduced, view, count, float((s_labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def method_loss(setup, student, s_labels):
+    """CE + one method's weighted student-side terms, CE fused where the class fuses it."""
+    method, reduced, view, count, ce_tokens = setup
+    terms = method.student(student, reduced, view, ce_labels=s_labels if method.fuses_ce else None)
+    ce = terms["ce"] if method.fuses_ce else masked_ce(student, s_labels)["ce"]
+    return ce / ce_tokens + sum(method.term_weights[t] * terms[t] for t in method.terms) / max(count, 1.0)
 
 
 def run_variant(name, inputs):
@@ -159,6 +313,8 @@ def run_variant(name, inputs):
         loss = ce["ce"] / ce["tokens"] + weighted(naive_mlot(student, teacher, position_pairing(s_labels, t_labels)))
     elif name == "released code":
         loss = released_code_loss(student, teacher, s_labels, t_labels)
+    elif name in METHOD_VARIANTS:
+        loss = method_loss(inputs.methods[METHOD_VARIANTS[name]], student, s_labels)
     else:
         raise ValueError(f"unknown variant {name!r}; valid: {VARIANTS}")
     loss.backward()
@@ -167,6 +323,19 @@ def run_variant(name, inputs):
 
 class Inputs(tuple):
     summary = None
+    methods = None
+
+
+def prepare(shape, variants):
+    """The shape's inputs with what ``variants`` precompute: the MultiLevelOT teacher summary and the
+    method variants' teacher sides (never part of a timed or measured run)."""
+    inputs = Inputs(make_inputs(shape))
+    _, teacher, s_labels, t_labels = inputs
+    if any("mlot student" in v for v in variants):
+        inputs.summary = teacher_summary(teacher, position_pairing(s_labels, t_labels))
+    inputs.methods = {METHOD_VARIANTS[v]: setup_method(METHOD_VARIANTS[v], shape, inputs) for v in variants
+                      if v in METHOD_VARIANTS}
+    return inputs
 
 
 def _memory_kb(field):
@@ -179,9 +348,7 @@ def _memory_kb(field):
 
 def child(variant, shape_name):
     """Peak resident memory of one measured run of ``variant`` (after a warm-up run)."""
-    inputs = Inputs(make_inputs(SHAPES[shape_name]))
-    student, teacher, s_labels, t_labels = inputs
-    inputs.summary = teacher_summary(teacher, position_pairing(s_labels, t_labels))
+    inputs = prepare(SHAPES[shape_name], [variant])
     run_variant(variant, inputs)
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
@@ -196,8 +363,11 @@ def main():
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     # The per-token full sort and ULD take about a minute per run at the large shape: opt-in there.
     parser.add_argument(
-        "--large-variants", nargs="+", default=[v for v in VARIANTS if v not in LARGE_OPT_IN],
-        choices=VARIANTS + ["all"], help="variants at the large shape ('all' for every one)",
+        "--large-variants",
+        nargs="+",
+        default=[v for v in VARIANTS if v not in LARGE_OPT_IN],
+        choices=VARIANTS + ["all"],
+        help="variants at the large shape ('all' for every one)",
     )
     parser.add_argument("--reps", type=int, default=5, help="timed rounds (small shape)")
     parser.add_argument("--large-reps", type=int, default=1, help="timed rounds (large shape)")
@@ -215,8 +385,7 @@ def main():
         variants = args.variants if shape_name == "small" else args.large_variants
         variants = VARIANTS if "all" in variants else variants
         reps = args.reps if shape_name == "small" else args.large_reps
-        inputs = Inputs(make_inputs(shape))
-        inputs.summary = teacher_summary(inputs[1], position_pairing(inputs[2], inputs[3]))
+        inputs = prepare(shape, variants)
         wall = {v: float("inf") for v in variants}
         cpu = dict(wall)
         # Interleaved rounds: a burst of load from other processes hits every variant alike.
