@@ -133,3 +133,67 @@ def test_every_reproduction_method_is_a_valid_recipe(tmp_path):
     ad_tr = load_recipe(tmp_path / "ablation-ad-tr.yaml").teachers[0].loss
     assert (ad_tr.params.ranking, ad_tr.params.k) == ("token", smaller) and ad_tr.weights == {"sl": 0.0, "sd": 0.0}
     assert args.plan == tool.ABLATION_PLAN and args.name == "dialogsum-default-ablation"
+
+
+def real_tool():
+    load_tool("reproduce_report")
+    return load_tool("reproduce_real")
+
+
+def test_every_real_teacher_run_is_a_valid_recipe(tmp_path):
+    """Each method of the real-teacher plan, and each sweep variant, loads and validates as a recipe with
+    the weights, k, lr and steps it names; the caches it reads are the ones the cache build writes."""
+    import argparse
+
+    import yaml
+
+    from mlot_ds.config import load_recipe
+    from mlot_ds.losses.registry import METHODS as LOSSES
+
+    tool = real_tool()
+    args = argparse.Namespace(eval_limit=4, max_length=256, micro_batch=4, steps=100, lr=1e-3, max_new_tokens=8,
+                              work_dir=str(tmp_path))
+    data = {"adapter": "dialogsum", "path": "builtin:dialogsum/train", "limit": 8}
+    keys = [*tool.METHODS, "mlot-default+w=0.1", "mlot-paper+w=2", "alm+ce=0.5", "kl+k=16", "mlot-default+k=10+lr=3e-4+steps=40"]
+    cached = set(tool.cache_names("smol", keys))
+    assert {"mlot", "kl", "kl-k16", "mlot-k10", "alm", "qwen", "opt"} <= cached
+    for key in keys:
+        run = tool.planned(key)
+        for student in run.method.students:
+            raw = tool.run_recipe(args, student, "labeled", key, 0, data, tmp_path)
+            path = tmp_path / f"{student}-{key}.yaml"
+            path.write_text(yaml.safe_dump(raw))
+            recipe = load_recipe(path)
+            scale = run.variant.get("w", 1.0)
+            for teacher in recipe.teachers:
+                if run.method.live is not None:
+                    assert teacher.source == "live" and teacher.loss.kind == "official"
+                    continue
+                assert teacher.source == "cache" and teacher.cache_dir.split("/")[-1] in cached | {"kl"}
+                defaults = LOSSES[teacher.loss.kind].default_weights(teacher.loss.params)
+                expected = {t: 0.0 if run.method.ce_only else dict(defaults, **dict(run.method.weights))[t] * scale
+                            for t in defaults}
+                assert teacher.loss.weights == pytest.approx(expected), key
+            assert recipe.train.lr == run.variant.get("lr", 1e-3) and recipe.train.max_steps == run.variant.get("steps", 100)
+            assert recipe.train.ce_weight == run.variant.get("ce", run.method.ce_weight)
+    ten = tool.run_recipe(args, "wide", "labeled", "mlot-default+k=10+lr=3e-4+steps=40", 0, data, tmp_path)
+    assert ten["teachers"][0]["loss"]["k"] == 10 and ten["teachers"][0]["cache_dir"].endswith("mlot-k10")
+    assert tool.planned("mlot-default+k=10+lr=3e-4+steps=40").baseline == "sft+lr=0.0003+steps=40"
+    assert tool.run_recipe(args, "smol", "labeled", "kl+k=16", 0, data, tmp_path)["teachers"][0]["loss"]["top_k"] == 16
+    with pytest.raises(SystemExit, match="k= needs"):
+        tool.planned("alm+k=5").caches()
+    for bad in ("nope", "sft+x=1", "sft+lr=fast"):
+        with pytest.raises(SystemExit, match="--real-methods"):
+            tool.planned(bad)
+
+
+def test_real_teacher_differences_take_the_sft_run_of_the_same_seed_and_variant():
+    tool = real_tool()
+    values = {("sft", 0): 2.0, ("sft", 1): 2.2, ("kl", 0): 1.8, ("kl", 1): 2.1, ("sft+lr=0.0003", 0): 3.0,
+              ("mlot-default+lr=0.0003", 0): 2.9, ("mlot-default", 0): 1.95, ("mlot-default", 1): 2.3}
+    rows = [{"setting": "smol-labeled", "method": m, "seed": s, "exit": 0, "eval/bits_per_byte": v} for (m, s), v in values.items()]
+    found = tool.same_seed_differences(rows, "smol-labeled")
+    # kl: -0.2 and -0.1; mlot-default: -0.05 and +0.1; the lr variant against SFT at that lr: -0.1 (not 0.9).
+    assert found["kl"][0] == pytest.approx(-0.15) and found["kl"][2] == 2
+    assert found["mlot-default"][0] == pytest.approx(0.025)
+    assert found["mlot-default+lr=0.0003"] == (pytest.approx(-0.1), None, 1)

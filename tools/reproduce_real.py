@@ -40,7 +40,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = str(REPO / "ds_configs" / "zero3.json")
 TEACHER = "zoo:smollm2-135m-instruct"
-STUDENTS = {"smol": "zoo:student-smol", "wide": "zoo:student-wide"}
+STUDENTS = {"smol": "zoo:student-smol", "wide": "zoo:student-wide", "core": "zoo:student"}
+"""smol: the teacher's tokenizer (49,152 ids); wide: its own byte-level BPE (8,000); core: the demo's
+student (1,600 ids), for the vocabulary-size question."""
 ZOO_TEACHERS = {"qwen": "zoo:teacher-qwen", "opt": "zoo:teacher-opt"}
 BPB, ROUGE = "eval/bits_per_byte", "eval/rouge_lsum"
 RUN_KIND = "reproduction run"
@@ -56,7 +58,7 @@ class RealMethod:
     ce_only: bool = False
     weighting: str = "static"
     ce_weight: float = 1.0
-    students: tuple[str, ...] = ("smol", "wide")
+    students: tuple[str, ...] = ("smol", "wide", "core")
     weights: tuple[tuple[str, float], ...] = ()
 
 
@@ -87,24 +89,80 @@ METHODS = {
 }
 DEFAULT_PLAN = {"labeled": list(METHODS), "unlabeled": ["sft", "kl", "uld", "mlot-default", "alm", "cdm"]}
 
+# A planned run is ``method[+key=value...]``: the sweep of the issue's item 4 without new code.
+VARIANT_KEYS = {"w": float, "ce": float, "k": int, "lr": float, "steps": int}
+"""``w``: every distillation term's weight times this (the KD weight); ``ce``: the CE weight; ``k``: the
+loss's ``k`` (a cache of its own); ``lr``, ``steps``: the training run's (SFT of the same ``lr``/``steps``
+is the baseline of its same-seed difference)."""
+TRAIN_KEYS = ("lr", "steps")
+
+
+@dataclass(frozen=True)
+class Planned:
+    key: str
+    method: RealMethod
+    variant: dict
+
+    @property
+    def baseline(self) -> str:
+        """The SFT run this run's same-seed difference is taken against."""
+        train = [f"{name}={self.variant[name]:g}" for name in TRAIN_KEYS if name in self.variant]
+        return "+".join(["sft", *train])
+
+    def caches(self) -> list[str]:
+        k = self.variant.get("k")
+        if k is None:
+            return list(self.method.cache)
+        names = [f"{name}-k{k}" for name in self.method.cache if name not in ZOO_TEACHERS and k_field(name)]
+        if not names:
+            raise SystemExit(f"--real-methods: {self.key!r}: k= needs a cached loss with a k or top_k parameter")
+        return names + [name for name in self.method.cache if name in ZOO_TEACHERS]
+
+
+def k_field(cached: str) -> str | None:
+    """The cached loss's truncation parameter: ``k`` (MultiLevelOT), ``top_k`` (KL, CDM) or none."""
+    from mlot_ds.losses.registry import METHODS as LOSSES
+
+    names = {f.name for f in dataclasses.fields(LOSSES[CACHED[cached][0]["kind"]].Params)}
+    return next((name for name in ("k", "top_k") if name in names), None)
+
+
+def planned(key: str) -> Planned:
+    base, *parts = key.split("+")
+    if base not in METHODS:
+        raise SystemExit(f"--real-methods: unknown method {base!r} in {key!r} (methods: {', '.join(METHODS)})")
+    variant = {}
+    for part in parts:
+        name, _, value = part.partition("=")
+        if name not in VARIANT_KEYS:
+            raise SystemExit(f"--real-methods: {part!r} in {key!r}: expected one of {', '.join(VARIANT_KEYS)} = value")
+        try:
+            variant[name] = VARIANT_KEYS[name](value)
+        except ValueError:
+            raise SystemExit(f"--real-methods: {part!r} in {key!r}: {value!r} is not a {VARIANT_KEYS[name].__name__}")
+    return Planned(key, METHODS[base], variant)
+
 
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("real teacher (--teacher smollm2)")
-    group.add_argument("--students", default="smol,wide", help="comma list of smol, wide (default both)")
+    group.add_argument("--students", default="smol,wide", help="comma list of smol, wide, core (default smol,wide)")
     group.add_argument("--real-methods", default=None,
                        help=f"comma list of setting/method (default: the full plan); methods: {', '.join(METHODS)}")
 
 
-def cache_names(student: str) -> list[str]:
-    names = [name for name in CACHED if name != "kl" or student == "smol"]
-    return names + list(ZOO_TEACHERS)
+def cache_names(student: str, keys: list[str]) -> list[str]:
+    """The cached teachers the planned runs of ``student`` read, in a fixed order."""
+    wanted = {name for key in keys if student in planned(key).method.students for name in planned(key).caches()}
+    return sorted(wanted, key=lambda name: (list((*CACHED, *ZOO_TEACHERS)).index(name.split("-k")[0]), name))
 
 
 def teacher_entry(name: str, cache_root: Path) -> dict:
     if name in ZOO_TEACHERS:
         loss, pairing, model, template = {"kind": "mlot"}, "offsets", ZOO_TEACHERS[name], {"kind": "plain"}
     else:
-        (loss, pairing), model, template = CACHED[name], TEACHER, {"kind": "chat"}
+        base, _, k = name.partition("-k")
+        (loss, pairing), model, template = CACHED[base], TEACHER, {"kind": "chat"}
+        loss = {**loss, **({k_field(base): int(k)} if k else {})}
     return {"name": f"t_{name}", "model": model, "template": template, "pairing": pairing, "loss": dict(loss),
             "weight": 1.0, "placement": "shard", "cache_dir": str(cache_root / name)}
 
@@ -124,10 +182,14 @@ def base_recipe(args, student: str, setting: str, data: dict, root: Path) -> dic
     return raw
 
 
-def build_caches(args, student: str, setting: str, data: dict, root: Path) -> None:
-    """One cache build for every cached teacher of this student and setting (shared forwards)."""
+def build_caches(args, student: str, setting: str, keys: list[str], data: dict, root: Path) -> None:
+    """One cache build for every cached teacher the planned methods read (shared forwards).
+
+    A cache already complete for the same binding is kept (the tool resumes it), so a later, larger
+    plan only builds what is new.
+    """
     raw = base_recipe(args, student, setting, data, root)
-    raw["teachers"] = [teacher_entry(name, root / "teachers") for name in cache_names(student)]
+    raw["teachers"] = [teacher_entry(name, root / "teachers") for name in cache_names(student, keys)]
     raw["train"]["output_dir"] = str(root / "cache-build")
     recipe = root / "cache-recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
@@ -142,24 +204,36 @@ def build_caches(args, student: str, setting: str, data: dict, root: Path) -> No
     print(f"caches for {student}/{setting} ready in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 
+def term_weights(teacher: dict, method: RealMethod, scale: float) -> dict[str, float]:
+    """The teacher's term weights: the method's (or the loss's defaults) times ``scale``; CE only: zeros."""
+    from mlot_ds.losses.registry import METHODS as LOSSES
+
+    loss = LOSSES[teacher["loss"]["kind"]]
+    params = loss.Params(**{k: v for k, v in teacher["loss"].items() if k not in ("kind", "weights")})
+    weights = dict(loss.default_weights(params))
+    weights.update(dict(method.weights))
+    return {term: 0.0 if method.ce_only else value * scale for term, value in weights.items()}
+
+
 def run_recipe(args, student: str, setting: str, key: str, seed: int, data: dict, root: Path) -> dict:
-    method = METHODS[key]
+    run = planned(key)
+    method, variant = run.method, run.variant
     raw = base_recipe(args, student, setting, data, root)
-    teachers = [teacher_entry(name, root / "teachers") for name in method.cache]
+    teachers = [teacher_entry(name, root / "teachers") for name in run.caches()]
     for teacher in teachers:
         teacher["source"] = "cache"
-        if method.ce_only:
-            kind = teacher["loss"]["kind"]
-            terms = {"mlot": ("had", "sl", "sd")}.get(kind, (kind,))
-            teacher["loss"]["weights"] = {term: 0.0 for term in terms}
-        elif method.weights:
-            teacher["loss"]["weights"] = dict(method.weights)
+        teacher["loss"]["weights"] = term_weights(teacher, method, variant.get("w", 1.0))
     if method.live is not None:
         teachers = [{"name": "t_live", "model": TEACHER, "template": {"kind": "chat"}, "pairing": "position",
                      "loss": dict(method.live), "weight": 1.0, "placement": "shard"}]
     raw["teachers"] = teachers
     raw["weighting"] = {"mode": method.weighting, "normalize": True}
-    raw["train"].update({"seed": seed, "ce_weight": method.ce_weight})
+    raw["train"].update({"seed": seed, "ce_weight": variant.get("ce", method.ce_weight)})
+    if "lr" in variant:
+        raw["train"]["lr"] = variant["lr"]
+    if "steps" in variant:
+        steps = variant["steps"]
+        raw["train"].update({"max_steps": steps, "warmup_steps": max(1, steps // 10), "log_every": max(1, steps // 10)})
     return raw
 
 
@@ -244,6 +318,12 @@ def reference_rows(args, records) -> list[dict]:
     models = [(f"Origin {s}", paths[STUDENTS[s].removeprefix("zoo:")], "plain") for s in args.student_list]
     models.append(("Teacher SmolLM2-135M-Instruct", model_folder(TEACHER), "chat"))
     for label, folder, template in models:
+        key = {"model": str(folder), "template": template, "eval_limit": args.eval_limit,
+               "max_new_tokens": args.max_new_tokens, "max_length": args.max_length}
+        kept = Path(args.work_dir) / "reference" / (label.replace(" ", "_") + ".json")
+        if kept.is_file() and json.loads(kept.read_text()).get("key") == key:
+            rows.append(json.loads(kept.read_text())["row"])  # evaluated by an earlier invocation
+            continue
         started = time.perf_counter()
         loaded = load_model(folder, "cpu")
         result = evaluate_records(loaded["model"], loaded["tokenizer"], records, adapter="dialogsum",
@@ -251,6 +331,8 @@ def reference_rows(args, records) -> list[dict]:
                                   max_length=args.max_length, model_name=label)
         rows.append({"student": "reference", "setting": "reference", "method": label, "seed": 0, "exit": 0,
                      "seconds": time.perf_counter() - started, **result.metrics})
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps({"key": key, "row": rows[-1]}))
         del loaded
         gc.collect()
     return rows
@@ -262,8 +344,9 @@ def plan_of(args) -> dict[str, list[str]]:
     plan: dict[str, list[str]] = {}
     for item in args.real_methods.split(","):
         setting, _, method = item.strip().partition("/")
-        if setting not in ("labeled", "unlabeled") or method not in METHODS:
-            raise SystemExit(f"--real-methods: {item!r} is not setting/method (methods: {', '.join(METHODS)})")
+        if setting not in ("labeled", "unlabeled"):
+            raise SystemExit(f"--real-methods: {item!r} is not setting/method[+key=value] with setting labeled|unlabeled")
+        planned(method)
         plan.setdefault(setting, []).append(method)
     return plan
 
@@ -278,7 +361,7 @@ def main(args) -> int:
     args.student_list = [s.strip() for s in args.students.split(",") if s.strip()]
     unknown = sorted(set(args.student_list) - set(STUDENTS))
     if unknown:
-        raise SystemExit(f"--students: unknown {', '.join(unknown)}; expected smol, wide")
+        raise SystemExit(f"--students: unknown {', '.join(unknown)}; expected smol, wide, core")
     plan = plan_of(args)
     records = load_records("dialogsum", corpus_path("test"), limit=args.eval_limit).records
     print("evaluating the untrained students and the teacher", flush=True)
@@ -290,9 +373,9 @@ def main(args) -> int:
     for student in args.student_list:
         for setting, keys in plan.items():
             root = Path(args.work_dir) / "cache" / student / setting
-            if any(METHODS[k].cache for k in keys if student in METHODS[k].students):
-                build_caches(args, student, setting, data[setting], root)
-            jobs += [(student, setting, key, seed, root) for key in keys if student in METHODS[key].students
+            if cache_names(student, keys):
+                build_caches(args, student, setting, keys, data[setting], root)
+            jobs += [(student, setting, key, seed, root) for key in keys if student in planned(key).method.students
                      for seed in range(args.seeds)]
     dist.init(600)
     destroy, dist.destroy = dist.destroy, (lambda: None)  # one process group for the whole sweep
@@ -316,11 +399,13 @@ def main(args) -> int:
 
 
 def same_seed_differences(rows, setting: str, metric: str = BPB) -> dict[str, tuple[float, float | None, int]]:
-    """method -> (mean, sample std, n) of ``method - SFT`` on ``metric`` over seeds both finished."""
+    """method -> (mean, sample std, n) of ``method - SFT`` on ``metric`` over seeds both finished (SFT of
+    the same ``lr``/``steps`` variant)."""
     by = {(r["method"], r["seed"]): r[metric] for r in rows if r["setting"] == setting and r["exit"] == 0 and metric in r}
     out = {}
     for method in sorted({m for m, _ in by}):
-        values = [by[(method, seed)] - by[("sft", seed)] for m, seed in by if m == method and ("sft", seed) in by]
+        base = planned(method).baseline
+        values = [by[(method, seed)] - by[(base, seed)] for m, seed in by if m == method and (base, seed) in by]
         if values:
             out[method] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
     return out
@@ -374,7 +459,7 @@ def markdown(run: dict, summary: dict) -> str:
             differences = same_seed_differences(rows, f"{student}-{setting_name}")
             if student == "smol" and "kl" in differences:
                 kl_gain[setting_name] = -differences["kl"][0]
-        for student in ("smol", "wide"):
+        for student in STUDENTS:
             setting = f"{student}-{setting_name}"
             entries = [(key, stats) for (s, key), stats in summary.items() if s == setting]
             if not entries:
@@ -385,7 +470,8 @@ def markdown(run: dict, summary: dict) -> str:
                       "| method | runs | bits per byte | ROUGE-LSum | bpb - SFT (same seed) | share of the KL gain |",
                       "|---|---|---|---|---|---|"]
             for key, stats in entries:
-                label = run["methods"].get(key, {}).get("label", key)
+                label = run["methods"].get(key.split("+")[0], {}).get("label", key)
+                label += "".join(f", {part}" for part in key.split("+")[1:])
                 difference = differences.get(key)
                 diff = "n/a" if difference is None else f"{difference[0]:+.4f}" + (
                     f" ± {difference[1]:.4f}" if difference[1] is not None else "")
