@@ -191,7 +191,8 @@ def test_real_teacher_differences_take_the_sft_run_of_the_same_seed_and_variant(
     tool = real_tool()
     values = {("sft", 0): 2.0, ("sft", 1): 2.2, ("kl", 0): 1.8, ("kl", 1): 2.1, ("sft+lr=0.0003", 0): 3.0,
               ("mlot-default+lr=0.0003", 0): 2.9, ("mlot-default", 0): 1.95, ("mlot-default", 1): 2.3}
-    rows = [{"setting": "smol-labeled", "method": m, "seed": s, "exit": 0, "eval/bits_per_byte": v} for (m, s), v in values.items()]
+    rows = [{"setting": "smol-labeled", "method": m, "seed": s, "exit": 0, "eval/bits_per_byte": v}
+            for (m, s), v in values.items()]
     found = tool.same_seed_differences(rows, "smol-labeled")
     # kl: -0.2 and -0.1; mlot-default: -0.05 and +0.1; the lr variant against SFT at that lr: -0.1 (not 0.9).
     assert found["kl"][0] == pytest.approx(-0.15) and found["kl"][2] == 2
