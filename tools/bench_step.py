@@ -153,6 +153,21 @@ def variant_teachers(variant: str, live: list, cached: list) -> list:
     return [dataclasses.replace(t, hidden_path=mode == "chunked") for t in live[: int(count)]]
 
 
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in a method's reduced teacher output (tensors, tuples, dicts, dataclasses)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    if dataclasses.is_dataclass(value):
+        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
+
+
 def worker(args) -> int:
     """Every variant in this one job, interleaved step by step; then each live teacher's reduce alone."""
     import torch
@@ -161,8 +176,7 @@ def worker(args) -> int:
     from mlot_ds import dist
     from mlot_ds.config import load_recipe
     from mlot_ds.engine.ds_config import read_ds_config
-    from mlot_ds.engine.setup import prepare_inputs
-    from mlot_ds.engine.trainer import Trainer
+    from mlot_ds.engine.trainer import Trainer, teacher_view
     from mlot_ds.teachers.cache import open_caches
     from mlot_ds.teachers.pool import Teacher, TeacherPool
 
@@ -170,17 +184,20 @@ def worker(args) -> int:
     dist.init(600)
     recipe = load_recipe(work / "recipe.yaml")
     config = str(REPO / "ds_configs" / "zero3.json")
-    inputs = prepare_inputs(recipe, progress=False)
-    trainer = Trainer(recipe, read_ds_config(config), config, inputs)
-    trainer.setup()  # the student and the three live teachers
+    trainer = Trainer(recipe, read_ds_config(config), config)
+    trainer.setup()  # the inputs, the student and the three live teachers
+    inputs = trainer.inputs
     live = list(trainer.teachers)
     cache_recipe = load_recipe(work / "recipe.yaml", [f"teachers.{t.name}.source=cache" for t in live])
-    caches = open_caches(cache_recipe, inputs, trainer.teacher_losses)
+    caches = open_caches(cache_recipe, inputs, trainer.methods)
     cached = [Teacher(t.name, t.config, None, t.model_path, cache=caches[t.name]) for t in live]
     steps_per_epoch = trainer.data.steps_per_epoch
 
     def run(variant: str, step: int) -> dict:
-        trainer.teachers = TeacherPool(variant_teachers(variant, live, cached), trainer.device)
+        teachers = variant_teachers(variant, live, cached)
+        trainer.teachers = TeacherPool(teachers, trainer.device)
+        # The student's CE comes fused from the first teacher whose method can; none in this variant: computed alone.
+        trainer.fused_ce = next((t.name for t in teachers if trainer.methods[t.name].fuses_ce), None)
         dist.barrier()
         before = reset_peak()
         started = time.perf_counter()
@@ -197,16 +214,15 @@ def worker(args) -> int:
     batch = trainer.data.micro_batches(0, 0)[0].to(trainer.device)
     teachers = {}
     for teacher in live:
-        loss = trainer.teacher_losses[teacher.name]
-        pairing = loss.pairing_for(batch.pairings[teacher.name], batch.student.labels, batch.teachers[teacher.name].labels)
+        method, view = trainer.methods[teacher.name], teacher_view(batch, teacher.name)
         for mode in ("full", "chunked", "full", "chunked"):
             one = dataclasses.replace(teacher, hidden_path=mode == "chunked")
             dist.barrier()
             before = reset_peak()
             started = time.perf_counter()
-            reduced, _ = trainer.teachers.reduce(one, batch.teachers[teacher.name], pairing, loss, with_gold_ce=False)
+            reduced = trainer.teachers.run(one, view, method, gold=False).reduced
             seconds, growth = time.perf_counter() - started, rss_mb("VmHWM") - before
-            kept = sum(t.numel() * t.element_size() for t in reduced if isinstance(t, torch.Tensor)) / 2**20
+            kept = tensor_bytes(reduced) / 2**20
             teachers[f"{teacher.name}/{mode}"] = {"s": seconds, "growth_mb": growth, "kept_mb": kept}
             del reduced
     shape = {"batch": list(batch.teachers[live[0].name].input_ids.shape), "pairs": int(batch.pairings[live[0].name].mask.sum())}
