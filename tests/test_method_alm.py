@@ -433,7 +433,7 @@ def test_token_chunks_and_labelled_positions_refuse_bad_layouts():
 def test_class_attributes_and_defaults():
     cls = METHODS["alm"]
     assert cls is ApproximateLikelihoodMatching
-    assert (cls.terms, cls.denominator, cls.pairings) == (("alm",), "chunks", ("offsets",))
+    assert (cls.terms, cls.denominator, cls.pairings) == (("alm", "latents"), "chunks", ("offsets",))
     assert cls.fuses_ce and cls.cacheable
     assert cls.needs == {"groups", "surfaces"}
     assert cls.default_weights(AlmParams()) == {"alm": 1.0}

@@ -24,17 +24,27 @@ from /proc (VmHWM reset before the run). Variants:
   CE: fused into the same pass where the class fuses it (``fuses_ce``: kl at temperature 1, alm,
   vocagnolm), else ``masked_ce`` on its own (cdm). The loss is ``CE / tokens + sum_t w_t * term_t /
   count`` with the class's default weights and its own denominator (``method.counts``, also outside).
+- ``ce+<kind> student`` for ``kind`` in ``dskd``, ``emo``, ``alm+latents`` (ALM with ``latents: true``):
+  the methods with trainable projectors, the same way, plus what they read beside the logits: the
+  student's final hidden states, input embeddings (DSKD), output-layer weight (DSKD) and last-layer
+  head-averaged attention (EMO), and the teacher's hidden states, embeddings, output-layer weight and
+  attention, all random tensors made outside the timed region (the student's hidden states and
+  attention as leaves that receive their gradient, as the student model's would). The projectors are
+  the engine's (``mlot_ds.engine.modules.build_modules``, float32) and get their gradients too.
 
 Inputs of the method variants, all synthetic and deterministic: ``kl`` gets a teacher of the
 student's vocabulary (random logits, ``same_tokenizer``) and position pairing. ``alm``,
-``vocagnolm`` and ``cdm`` get the shape's teacher and a made-up response text: words of 2-9 bytes
+``vocagnolm``, ``cdm`` and the projector methods get the shape's teacher and a made-up response text: words of 2-9 bytes
 (half with a leading space), each cut into 1-3 tokens independently on each side, until one side
 has its ``response`` tokens; the offsets pairing, its group stops and the token overlaps come from
 those byte spans (``offset_groups``, ``token_overlaps``, as the data pipeline builds them), so
 groups have 1-3 tokens on each side and most student tokens overlap one teacher token. Token
 surfaces: unique strings of 1-9 letters, about half with a leading space, the last id special; the
 teacher reuses 80% of the student's strings (the exact matches CDM maps by) and makes up the rest.
-The labels stay the random ids of the other variants.
+The labels stay the random ids of the other variants. The projector methods' model sizes are the
+shape's ``student_hidden`` / ``teacher_hidden`` (embedding width = hidden width, 2 student and 4
+teacher layers); EMO's 1:1 pairs are the offsets groups' first tokens (a stand-in for MinED's pairs:
+its cost does not depend on which tokens are paired, only on how many).
 """
 
 from __future__ import annotations
@@ -51,16 +61,29 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mlot_ds.engine import modules as trainable
 from mlot_ds.losses import PRESETS, TERMS, masked_ce, multilevel_ot_from_summary, teacher_summary, uld
-from mlot_ds.losses.method import LogitSource, MethodContext, TeacherView
+from mlot_ds.losses.method import (
+    EMBEDDINGS,
+    HIDDEN,
+    OUTPUT_WEIGHT,
+    FrozenWeight,
+    LogitSource,
+    MethodContext,
+    ModelDims,
+    TeacherView,
+    attention,
+)
 from mlot_ds.losses.registry import METHODS
 from mlot_ds.pairing import IGNORE_INDEX, ModelBatch, Pairing, position_pairing
 from mlot_ds.pairing.offsets import offset_groups
 from mlot_ds.pairing.overlaps import token_overlaps
 
 SHAPES = {
-    "large": dict(batch=4, seq_len=512, response=256, student_vocab=50_000, teacher_vocab=128_000),
-    "small": dict(batch=2, seq_len=256, response=128, student_vocab=32_000, teacher_vocab=50_000),
+    "large": dict(batch=4, seq_len=512, response=256, student_vocab=50_000, teacher_vocab=128_000,
+                  student_hidden=768, teacher_hidden=2048),
+    "small": dict(batch=2, seq_len=256, response=128, student_vocab=32_000, teacher_vocab=50_000,
+                  student_hidden=512, teacher_hidden=1024),
 }
 VARIANTS = [
     "ce",
@@ -71,10 +94,14 @@ VARIANTS = [
     "naive mlot",
     "released code",
 ]
-METHOD_KINDS = ("kl", "alm", "vocagnolm", "cdm")
+METHOD_KINDS = ("kl", "alm", "vocagnolm", "cdm", "dskd", "emo", "alm+latents")
+# A label of METHOD_KINDS -> (its loss kind, its hyper-parameters besides the defaults)
+METHOD_SETTINGS = {"alm+latents": ("alm", {"latents": True})}
+PROJECTOR_KINDS = ("dskd", "emo", "alm+latents")
+STUDENT_LAYERS, TEACHER_LAYERS = 2, 4
 METHOD_VARIANTS = {f"ce+{kind} student": kind for kind in METHOD_KINDS}
 VARIANTS += list(METHOD_VARIANTS)
-LARGE_OPT_IN = ("ce+uld", "naive mlot")
+LARGE_OPT_IN = ("ce+uld", "naive mlot", "ce+dskd student")
 K = 50
 SHARED_SURFACES = 0.8  # fraction of the student's token strings the synthetic teacher vocabulary reuses
 
@@ -255,11 +282,36 @@ def model_batch(labels):
     return ModelBatch(labels.clamp(min=0), torch.ones_like(labels), labels)
 
 
-def setup_method(kind, shape, inputs):
-    """``(method, reduced, view, count, ce_tokens)``: ``METHODS[kind]``, its teacher side from the full
-    teacher logits, its view, its denominator and CE's token count."""
+def causal_attention(batch, seq_len, generator):
+    """Random head-averaged attention rows ``[B, T, T]``: a softmax over each row's visible positions."""
+    scores = torch.randn(batch, seq_len, seq_len, generator=generator)
+    visible = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+
+
+def synthetic_features(shape, generator):
+    """``(student features, teacher features, teacher output weight)``: random stand-ins of what the
+    engine's hooks capture (:mod:`mlot_ds.teachers.features`), at the shape's sizes."""
+    b, t = shape["batch"], shape["seq_len"]
+    hs, ht = shape["student_hidden"], shape["teacher_hidden"]
+    student = {EMBEDDINGS: torch.randn(b, t, hs, generator=generator), HIDDEN: torch.randn(b, t, hs, generator=generator),
+               OUTPUT_WEIGHT: torch.randn(shape["student_vocab"], hs, generator=generator) / hs**0.5,
+               attention(-1): causal_attention(b, t, generator)}
+    teacher = {EMBEDDINGS: torch.randn(b, t, ht, generator=generator), HIDDEN: torch.randn(b, t, ht, generator=generator)}
+    teacher_attention = causal_attention(b, t, generator)
+    for layer in range(TEACHER_LAYERS):
+        teacher[attention(layer)] = teacher_attention
+    weight = torch.randn(shape["teacher_vocab"], ht, generator=generator) / ht**0.5
+    return student, teacher, weight
+
+
+def setup_method(label, shape, inputs):
+    """``(method, reduced, view, counts, ce_tokens)``: ``METHODS[kind]`` (its projectors attached), its
+    teacher side from the full teacher logits, its view (with the student's features), its counts and
+    CE's token count."""
     _, teacher, s_labels, t_labels = inputs
     n, m = shape["student_vocab"], shape["teacher_vocab"]
+    kind, settings = METHOD_SETTINGS.get(label, (label, {}))
     if kind == "kl":
         # Same tokenizer: a teacher of the student's vocabulary, its own random logits, position pairing.
         gen = torch.Generator().manual_seed(1)
@@ -271,21 +323,41 @@ def setup_method(kind, shape, inputs):
         student_surfaces = synthetic_surfaces(n, seed=1)
         text = [s for s in student_surfaces if s is not None]
         shared = random.Random(2).sample(text, int(SHARED_SURFACES * len(text)))
+        dims = {}
+        if label in PROJECTOR_KINDS:
+            dims = dict(student_dims=ModelDims(shape["student_hidden"], shape["student_hidden"], n, STUDENT_LAYERS),
+                        teacher_dims=ModelDims(shape["teacher_hidden"], shape["teacher_hidden"], m, TEACHER_LAYERS))
         context = MethodContext(student_surfaces=student_surfaces, teacher_surfaces=synthetic_surfaces(m, 3, shared),
-                                student_vocab=n, teacher_vocab=m)
-    method = METHODS[kind](None, None, context)
+                                student_vocab=n, teacher_vocab=m, **dims)
+    cls = METHODS[kind]
+    method = cls(cls.Params(**settings), None, context)
+    teacher_features = None
+    if label in PROJECTOR_KINDS:
+        student_features, teacher_all, teacher_weight = synthetic_features(shape, torch.Generator().manual_seed(4))
+        method.bind_teacher_constants({OUTPUT_WEIGHT: FrozenWeight(teacher_weight)})
+        teacher_features = {name: teacher_all[name] for name in method.teacher_features() if name != OUTPUT_WEIGHT}
+        view = view._replace(features={name: student_features[name] for name in method.student_features()})
+        tree = trainable.build_modules(trainable.module_manifest({"teacher": method}), seed=0, dtype=torch.float32)
+        method.attach_modules(dict(tree["teacher"]))
     with torch.no_grad():
-        reduced = method.teacher(LogitSource(logits=teacher), view, gold=False).reduced
-    count = method.counts(reduced, view)[method.denominator]
-    return method, reduced, view, count, float((s_labels[:, 1:] != IGNORE_INDEX).sum())
+        reduced = method.teacher(LogitSource(logits=teacher, features=teacher_features), view, gold=False).reduced
+    counts = method.counts(reduced, view)
+    return method, reduced, view, counts, float((s_labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def method_loss(setup, student, s_labels):
-    """CE + one method's weighted student-side terms, CE fused where the class fuses it."""
-    method, reduced, view, count, ce_tokens = setup
+    """CE + one method's weighted student-side terms (each over its own count), CE fused where the class
+    fuses it. The student's hidden states and attention are fresh leaves: their gradient is computed."""
+    method, reduced, view, counts, ce_tokens = setup
+    if view.features:
+        view = view._replace(features={name: value if name == OUTPUT_WEIGHT else value.detach().requires_grad_()
+                                       for name, value in view.features.items()})
+        for module in method.trainable.values():
+            module.zero_grad(set_to_none=True)
     terms = method.student(student, reduced, view, ce_labels=s_labels if method.fuses_ce else None)
-    ce = terms["ce"] if method.fuses_ce else masked_ce(student, s_labels)["ce"]
-    return ce / ce_tokens + sum(method.term_weights[t] * terms[t] for t in method.terms) / max(count, 1.0)
+    ce = terms.pop("ce") if method.fuses_ce else masked_ce(student, s_labels)["ce"]
+    kd = sum(method.term_weights[t] * value / max(counts[method.term_denominator(t)], 1.0) for t, value in terms.items())
+    return ce / ce_tokens + kd
 
 
 def run_variant(name, inputs):
@@ -361,7 +433,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["small", "large"], choices=sorted(SHAPES))
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    # The per-token full sort and ULD take about a minute per run at the large shape: opt-in there.
+    # The per-token full sort and ULD take about a minute per run at the large shape, DSKD two (its
+    # projections through a 128k-row output layer): opt-in there.
     parser.add_argument(
         "--large-variants",
         nargs="+",

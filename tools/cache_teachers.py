@@ -43,7 +43,9 @@ from mlot_ds.engine.ds_config import read_ds_config, student_ds_config  # noqa: 
 from mlot_ds.engine.setup import prepare_inputs  # noqa: E402
 from mlot_ds.engine.trainer import teacher_view  # noqa: E402
 from mlot_ds.errors import BadInput  # noqa: E402
+from mlot_ds.losses.method import OUTPUT_WEIGHT  # noqa: E402
 from mlot_ds.teachers import cache  # noqa: E402
+from mlot_ds.teachers.features import gathered_output_weight  # noqa: E402
 from mlot_ds.teachers.pool import TeacherPool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             index, config = members[0][0], members[0][1]
             model_dir = inputs.teachers[index].model
             live = dataclasses.replace(config, source="live")
-            pool = TeacherPool.load([live], [str(model_dir)], ds_config, micro_batch_size, device)
+            pool = TeacherPool.load([live], [str(model_dir)], ds_config, micro_batch_size, device,
+                                    methods={config.name: [m for _, _, m, _, _ in members]})
+            if any(OUTPUT_WEIGHT in m.teacher_features() for _, _, m, _, _ in members):
+                weight = gathered_output_weight(pool.teachers[0].module)  # a collective: every rank
+                for _, _, method, folder, _ in members:
+                    if OUTPUT_WEIGHT in method.teacher_features():
+                        dist.rank0_then_barrier(lambda: cache.write_constants(folder, {OUTPUT_WEIGHT: weight}))
+                del weight
             built = build_group(pool, pool.teachers[0], inputs.data, [(c.name, m, f) for _, c, m, f, _ in members], args,
                                 micro_batch_size)
             for _, member, _, folder, manifest in members:

@@ -7,6 +7,8 @@ Layout of ``<output_dir>/checkpoints``::
         rng_rank<r>.pt        every rank's RNG states
         recipe.yaml           the resolved recipe
         teachers.json         the teacher manifest (names, paths, tokenizer hashes, weights, losses)
+        modules.json          only when a loss trains modules (projectors): their names and sizes
+                              (their weights and optimizer moments are in DeepSpeed's shards)
         COMPLETE              written last: a folder without it is ignored
         universal/            only after a resume on another number of ranks: the same state in
                               DeepSpeed's universal format (converted once, then reused)
@@ -36,6 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mlot_ds import dist, outputs
 from mlot_ds.config import load_recipe
+from mlot_ds.engine import modules as trainable
 from mlot_ds.engine.resolve import local_model
 from mlot_ds.errors import BadInput
 
@@ -128,8 +131,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, root: Path, step: int, trainer_state: dict, recipe_yaml: str, manifest: dict,
-         keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+         keep_last: int, modules: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder. ``modules``: the run's
+    trainable-module manifest (:func:`mlot_ds.engine.modules.module_manifest`), recorded when not empty."""
     tag = tag_for(step)
     folder = root / tag
     if dist.is_rank0() and folder.exists():
@@ -144,6 +148,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, recipe_yaml: str, m
         (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         (folder / "recipe.yaml").write_text(recipe_yaml)
         (folder / "teachers.json").write_text(json.dumps(manifest, indent=2))
+        trainable.write_manifest(folder, modules or {})
         (folder / COMPLETE).write_text("ok\n")
         _replace_text(root / LATEST, tag + "\n")
         _prune(root, keep_last)
@@ -211,14 +216,21 @@ def saved_world_size(folder: Path) -> int | None:
 
 
 def check_compatible(folder: Path, manifest: dict, allow_teacher_change: bool, world_size: int,
-                     steps_per_epoch: int, reshard: bool = False) -> None:
-    """Everything that can be checked before DeepSpeed touches the checkpoint, with clear errors."""
+                     steps_per_epoch: int, reshard: bool = False, modules: dict | None = None) -> None:
+    """Everything that can be checked before DeepSpeed touches the checkpoint, with clear errors.
+
+    ``modules``: this run's trainable modules; they must be the ones the checkpoint was saved with
+    (whatever ``allow_teacher_change`` says: their weights and moments are in the shards)."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder (train.resume names a step_N folder of a run)")
     for name in (COMPLETE, "trainer_state.json", "teachers.json"):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder}: not a complete checkpoint (no {name})")
     check_manifest(read_json(folder, "teachers.json"), manifest, folder, allow_teacher_change)
+    try:
+        trainable.check_same_modules(folder, modules or {})
+    except trainable.ModuleConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     state = read_json(folder, "trainer_state.json")
     _check_rng_files(folder, int(state.get("world_size", world_size)))
     saved_world = state.get("world_size", world_size)
@@ -274,7 +286,7 @@ def universal_copy(folder: Path) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointError(f"{folder}: conversion to the universal format failed (exit {result.returncode}; "
                                   f"the converter's output is above); the checkpoint itself is unchanged")
-        for name in ("trainer_state.json", "teachers.json", "recipe.yaml"):
+        for name in ("trainer_state.json", "teachers.json", "recipe.yaml", trainable.MODULES_FILE):
             if (folder / name).is_file():
                 shutil.copy2(folder / name, partial / name)
         (partial / COMPLETE).write_text("")
@@ -305,6 +317,7 @@ def load(engine, folder: Path) -> dict:
         raise CheckpointError(f"{folder}: failed to load ({type(exc).__name__}: {exc})") from exc
     if load_path is None:
         raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint files there")
+    _restore_group_hyperparameters(engine, folder)
     rng_file = folder / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():
         try:
@@ -315,10 +328,35 @@ def load(engine, folder: Path) -> dict:
     return read_json(folder, "trainer_state.json")
 
 
-def export_hf(engine, tokenizer, out_dir: Path) -> Path:
+def _restore_group_hyperparameters(engine, folder: Path) -> None:
+    """Give every optimizer parameter group its own saved hyper-parameters after a universal load.
+
+    DeepSpeed's ZeRO-3 universal loader sets every group's learning rate (and betas, eps, ...) from
+    the first group's, which is right only with one group; with the trainable modules' groups the
+    first step after a re-sharded resume would train them at the student's rate. The universal
+    folder keeps each group's values (``zero/optimizer_state.pt``); they are read back memory-mapped.
+    """
+    saved_path = folder / "zero" / "optimizer_state.pt"
+    groups = getattr(getattr(engine, "optimizer", None), "param_groups", None)
+    if not saved_path.is_file() or not groups or len(groups) < 2:
+        return
+    try:
+        saved = torch.load(saved_path, map_location="cpu", weights_only=False, mmap=True).get("param_groups")
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"{saved_path}: damaged or truncated ({type(exc).__name__}); {_earlier_hint(folder)}") from None
+    if not saved or len(saved) != len(groups):
+        raise CheckpointError(f"{saved_path}: holds {len(saved or [])} optimizer parameter groups, this run has "
+                              f"{len(groups)}")
+    for group, values in zip(groups, saved):
+        group.update({key: value for key, value in values.items() if key != "params"})
+
+
+def export_hf(engine, tokenizer, out_dir: Path, modules: dict | None = None) -> Path:
     """Collective: gather the ZeRO-3 shards and write a Hugging Face folder (safetensors) on rank 0.
 
     ``out_dir`` is replaced only if it is absent, empty, or an earlier export (see :mod:`mlot_ds.outputs`).
+    With trainable modules (``modules``: the run's manifest) the export holds the student's own weights
+    only, and the modules go to the ``projectors/`` folder beside it.
     """
 
     module = engine.module
@@ -326,6 +364,8 @@ def export_hf(engine, tokenizer, out_dir: Path) -> Path:
     if dist.is_rank0():
         try:
             outputs.check_folder(out_dir, EXPORT_KIND, "export.dir")
+            if modules:
+                trainable.check_projectors_target(out_dir, "export.dir")
         except outputs.OutputError as exc:
             failure = exc
     if dist.any_rank(failure is not None):  # every rank stops before the gathers, none half-way
@@ -339,11 +379,17 @@ def export_hf(engine, tokenizer, out_dir: Path) -> Path:
         if dist.is_rank0():
             state[name] = buffer.detach().to("cpu").clone()
     if dist.is_rank0():
+        module_state = {}
+        if modules:
+            state, module_state = trainable.split_state(state)
+
         def fill(staging: Path) -> None:
             module.save_pretrained(staging, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(staging)
 
         outputs.replace_folder(out_dir, EXPORT_KIND, fill, "export.dir")
+        if modules:
+            trainable.write_projectors(out_dir, module_state, modules, "export.dir")
     dist.barrier()
     return out_dir
 
@@ -358,12 +404,14 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
-def consolidate(folder: Path):
+def consolidate(folder: Path, with_modules: bool = False):
     """The student of a checkpoint as a plain Hugging Face model on the CPU, with its tokenizer and recipe.
 
     The ZeRO-3 shards are merged in memory (DeepSpeed's ``zero_to_fp32``); the student's config and
     tokenizer come from the base folder its recipe names. Used by ``tools/export_hf.py`` and
-    ``tools/evaluate.py``. Returns ``(model, tokenizer, recipe)``.
+    ``tools/evaluate.py``. Returns ``(model, tokenizer, recipe)``; with ``with_modules`` also the
+    trainable modules' tensors and manifest ``(state, manifest)`` (empty when there are none), which
+    are never part of the model.
     """
 
     folder = resolve_checkpoint(Path(folder))
@@ -383,6 +431,7 @@ def consolidate(folder: Path):
     except Exception as exc:  # a damaged shard surfaces as torch's zip errors, KeyError, ValueError...
         raise CheckpointError(f"{folder}: cannot read its ZeRO-3 shards ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); {_earlier_hint(folder)}") from None
+    state, module_state = trainable.split_state(state)
     trust = recipe.student.trust_remote_code
     config = AutoConfig.from_pretrained(student_dir, local_files_only=True, trust_remote_code=trust)
     with torch.device("meta"):
@@ -395,4 +444,6 @@ def consolidate(folder: Path):
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    if with_modules:
+        return model.eval(), tokenizer, recipe, (module_state, trainable.read_manifest(folder))
     return model.eval(), tokenizer, recipe

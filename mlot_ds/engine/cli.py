@@ -83,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                               source=args.config)
             dist.print0(f"dry run OK: recipe {args.recipe or 'embedded demo'}, DeepSpeed config {args.config}, "
                   f"student {inputs.student.model}, teachers {', '.join(t.name for t in recipe.teachers)}")
+            if dist.is_rank0():
+                # The planner reads only config.json files: a few lines, never a failure of the dry run.
+                from mlot_ds.plan import dry_run_lines
+
+                folders = {"student": inputs.student.model,
+                           **{t.name: r.model for t, r in zip(recipe.teachers, inputs.teachers)}}
+                for line in dry_run_lines(recipe, ds_template, int(os.environ.get("WORLD_SIZE", "1")), folders,
+                                          args.config):
+                    print(line)
             return 0
     except BadInput as exc:
         if dist.is_rank0():  # every rank found the same problem; one line is enough

@@ -23,7 +23,7 @@ from mlot_ds.engine.checkpoint import folder_hash
 from mlot_ds.errors import BadInput
 from mlot_ds.losses.method import MethodContext
 from mlot_ds.pairing.surface import token_surface_bytes_cached, tokenizer_fingerprint
-from mlot_ds.teachers.loading import check_model_folder, embedding_rows
+from mlot_ds.teachers.loading import check_model_folder, embedding_rows, model_dims_of_folder
 
 
 @dataclass
@@ -44,16 +44,24 @@ def build_methods(recipe: Recipe, inputs: RunInputs) -> dict:
 
     methods = {}
     student_fingerprint = tokenizer_fingerprint(inputs.student_tokenizer)
+    student_dims = None
     for index, (teacher, resolved) in enumerate(zip(recipe.teachers, inputs.teachers)):
         method = teacher.loss.method
         tokenizer = inputs.teacher_tokenizers[teacher.name]
         wants_surfaces = "surfaces" in method.needs
+        teacher_dims = None
+        if "dims" in method.needs_for(teacher.loss.params):
+            student_dims = student_dims or model_dims_of_folder(
+                inputs.student.model, trust_remote_code=recipe.student.trust_remote_code, where="student.model")
+            teacher_dims = model_dims_of_folder(resolved.model, trust_remote_code=teacher.trust_remote_code,
+                                                where=f"teachers[{index}].model")
         context = MethodContext(
             student_to_teacher=inputs.data.vocab_maps.get(teacher.name) if inputs.data is not None else None,
             student_surfaces=tuple(token_surface_bytes_cached(inputs.student_tokenizer)) if wants_surfaces else None,
             teacher_surfaces=tuple(token_surface_bytes_cached(tokenizer)) if wants_surfaces else None,
             student_vocab=embedding_rows(inputs.student.model), teacher_vocab=embedding_rows(resolved.model),
             same_tokenizer=tokenizer_fingerprint(tokenizer) == student_fingerprint,
+            student_dims=student_dims if teacher_dims is not None else None, teacher_dims=teacher_dims,
         )
         try:
             method.check(teacher.loss.params, context)

@@ -12,6 +12,12 @@ One optimizer step, on every rank (:meth:`Trainer.train_step`)::
         backward  (a NaN gradient on every rank if any rank's loss is not finite: ZeRO-3 skips the update)
     optimizer step
 
+A method may train small modules of its own (projectors, :mod:`mlot_ds.engine.modules`): they hang
+under the student model, so the same engine, backward and optimizer step train them, and they are
+called inside the method's student side. Features a method reads beside the logits (hidden states,
+embeddings, ...) are captured by forward hooks during the same forwards (:mod:`mlot_ds.teachers.features`).
+Without such methods neither adds anything.
+
 Every term is a sum over this rank's micro-batch divided by its count over all ranks and
 accumulation steps (docs/METHOD.md, "The normalisation contract"), then multiplied by ``world * grad_accum``
 because DeepSpeed averages gradients over ranks and divides the loss by the accumulation steps.
@@ -30,8 +36,9 @@ import torch
 import yaml
 
 from mlot_ds import dist, losses
-from mlot_ds.config import Recipe
+from mlot_ds.config import Recipe, RecipeError
 from mlot_ds.engine import checkpoint
+from mlot_ds.engine import modules as trainable
 from mlot_ds.engine.ds_config import student_ds_config
 from mlot_ds.engine.evaluation import evaluate_student
 from mlot_ds.engine.metrics_log import MetricLog
@@ -41,6 +48,7 @@ from mlot_ds.engine.signals import STOP_REQUEST
 from mlot_ds.engine.weights import TeacherWeights
 from mlot_ds.losses.method import TeacherView
 from mlot_ds.teachers.cache import open_caches
+from mlot_ds.teachers.features import FeatureCapture, check_captured
 from mlot_ds.teachers.loading import load_causal_lm, resolve_dtype
 from mlot_ds.teachers.pool import TeacherPool
 
@@ -101,6 +109,19 @@ class Trainer:
         self.total_steps = recipe.train.max_steps or recipe.train.epochs * self.data.steps_per_epoch
         self.ds_config = student_ds_config(self.ds_template, recipe, self.world, self.total_steps, self.device,
                                            source=self.ds_config_source)
+        self.methods = self.inputs.methods
+        self.module_manifest = trainable.module_manifest(self.methods)
+        # Per teacher, the student features its method reads (captured during the student's forward).
+        self.student_features = {name: m.student_features() for name, m in self.methods.items() if m.student_features()}
+        inside_layers = sorted({f for fs in self.student_features.values() for f in fs if "@" in f})
+        if inside_layers and recipe.student.gradient_checkpointing:
+            # A checkpointed layer's forward is recomputed in the backward: what a hook keeps from inside
+            # it would not carry the layer's gradient.
+            raise RecipeError(f"student.gradient_checkpointing: the losses read {', '.join(inside_layers)} from inside "
+                              f"the student's layers, which checkpointing recomputes; set it to false")
+        if self.module_manifest:  # before any model is loaded: a scheduler that cannot scale per group is refused
+            trainable.scale_schedule(self.ds_config, trainable.group_ratios(self.module_manifest, recipe.train.lr),
+                                     source=self.ds_config_source)
         self.resume_from, self.load_from = self._resume_target()
         bf16 = bool(self.ds_config["bf16"]["enabled"])
         student_model = load_causal_lm(self.inputs.student.model, dtype=resolve_dtype(recipe.student.dtype, bf16),
@@ -108,12 +129,17 @@ class Trainer:
                                        ds_config=self.ds_config, where="student.model")
         if recipe.student.gradient_checkpointing:
             student_model.gradient_checkpointing_enable()
-        self.student, *_ = deepspeed.initialize(model=student_model, config=self.ds_config,
-                                                model_parameters=[p for p in student_model.parameters() if p.requires_grad])
-        self.methods = self.inputs.methods
+        parameters = [p for p in student_model.parameters() if p.requires_grad]
+        if self.module_manifest:
+            parameters = self._add_modules(student_model)
+        self.student, *_ = deepspeed.initialize(model=student_model, config=self.ds_config, model_parameters=parameters)
+        if self.module_manifest:
+            tree = getattr(self.student.module, trainable.MODULES_ATTR)
+            for name, specs in self.module_manifest.items():
+                self.methods[name].attach_modules({module: tree[name][module] for module in specs})
         self.teachers = TeacherPool.load(recipe.teachers, [str(t.model) for t in self.inputs.teachers],
                                          self.ds_config, recipe.train.micro_batch_size, self.device,
-                                         caches=open_caches(recipe, self.inputs, self.methods))
+                                         caches=open_caches(recipe, self.inputs, self.methods), methods=self.methods)
         # The first teacher whose method can compute the student's CE in its own pass over the logits.
         self.fused_ce = next((t.name for t in recipe.teachers if self.methods[t.name].fuses_ce), None)
         self.weights = TeacherWeights([t.name for t in recipe.teachers], [t.weight for t in recipe.teachers],
@@ -122,6 +148,15 @@ class Trainer:
         self._resume()
         self.log = MetricLog(self.paths.tensorboard, self.total_steps, self.global_step, self.recipe_yaml,
                              _flat_hparams(recipe))
+
+    def _add_modules(self, student_model) -> list[dict]:
+        """Build the methods' modules under the student model; its optimizer's parameter groups."""
+        dtype = next(iter(student_model.parameters())).dtype
+        tree = trainable.build_modules(self.module_manifest, seed=self.recipe.train.seed, dtype=dtype)
+        trainable.attach(student_model, tree)
+        groups, _ = trainable.parameter_groups(student_model, self.module_manifest, self.recipe.train.lr)
+        dist.print0(f"trainable modules: {trainable.describe(self.module_manifest)}")
+        return groups
 
     def _resume_target(self) -> tuple[Path | None, Path | None]:
         """The checkpoint to resume from, and the folder to load (its universal copy on a new world size).
@@ -134,7 +169,7 @@ class Trainer:
         saved_world = checkpoint.saved_world_size(folder)
         reshard = saved_world not in (None, self.world) and self.recipe.train.reshard_on_resume
         checkpoint.check_compatible(folder, self.inputs.manifest, self.recipe.train.allow_teacher_change, self.world,
-                                    self.data.steps_per_epoch, reshard=reshard)
+                                    self.data.steps_per_epoch, reshard=reshard, modules=self.module_manifest)
         if not reshard:
             return folder, folder
         dist.print0(f"{folder} was saved by {saved_world} ranks, this run has {self.world}: converting it to "
@@ -189,6 +224,8 @@ class Trainer:
             if dist.any_rank(not bool(torch.isfinite(loss.detach()))):
                 skipped = True
                 loss = nan_gradient_loss(student_logits)
+                if self.module_manifest:  # the modules' parameters get their NaN gradient too
+                    loss = loss + trainable.nan_touch(getattr(self.student.module, trainable.MODULES_ATTR))
             # Every rank must hold the same metric keys (they are all-reduced as one vector).
             totals["train/loss"] += 0.0 if skipped else loss.detach().float()
             self.student.backward(loss * scale)
@@ -226,21 +263,37 @@ class Trainer:
     def student_loss(self, batch, passes, counts, weights, totals) -> tuple[torch.Tensor, torch.Tensor]:
         """``ce_weight * CE / tokens + sum_j w_j * KD_j`` for one micro-batch, and the student's logits."""
         student = batch.student
-        logits = self.student(input_ids=student.input_ids, attention_mask=student.attention_mask, use_cache=False).logits
+        features = None
+        if self.student_features:
+            with FeatureCapture(self.student, frozenset().union(*self.student_features.values())) as capture:
+                logits = self.student(input_ids=student.input_ids, attention_mask=student.attention_mask,
+                                      use_cache=False).logits
+            features = check_captured(capture, "student")
+        else:
+            logits = self.student(input_ids=student.input_ids, attention_mask=student.attention_mask,
+                                  use_cache=False).logits
         ce_sum = None if self.fused_ce else losses.masked_ce(logits, student.labels)["ce"]
         loss = torch.zeros((), device=logits.device)
         for teacher in self.teachers:
             name, method = teacher.name, self.methods[teacher.name]
             view, reduced = passes[name]
+            if name in self.student_features:
+                view = view._replace(features={key: features[key] for key in self.student_features[name]})
             terms = method.student(logits, reduced, view, ce_labels=student.labels if name == self.fused_ce else None)
             if name == self.fused_ce:
                 ce_sum = terms.pop("ce")
-            denominator = max(counts[f"{name}/{method.denominator}"], 1)
-            kd = sum(method.term_weights[t] * value for t, value in terms.items()) / denominator
+            keys = {method.term_denominator(t) for t in terms}
+            if len(keys) <= 1:
+                denominator = max(counts[f"{name}/{keys.pop() if keys else method.denominator}"], 1)
+                kd = sum(method.term_weights[t] * value for t, value in terms.items()) / denominator
+                divisors = dict.fromkeys(terms, denominator)
+            else:  # a term with a count of its own (e.g. ALM's latents: unmerged chunks)
+                divisors = {t: max(counts[f"{name}/{method.term_denominator(t)}"], 1) for t in terms}
+                kd = sum(method.term_weights[t] * value / divisors[t] for t, value in terms.items())
             loss = loss + weights[name] * kd
             totals[f"teacher/{name}/kd"] += kd.detach().float()
             for term, value in terms.items():
-                totals[f"teacher/{name}/{term}"] += value.detach().float() / denominator
+                totals[f"teacher/{name}/{term}"] += value.detach().float() / divisors[term]
         ce = ce_sum / max(counts["student_tokens"], 1)
         totals["train/ce"] += ce.detach().float()
         return loss + self.recipe.train.ce_weight * ce, logits
@@ -309,12 +362,13 @@ class Trainer:
                  "steps_per_epoch": self.data.steps_per_epoch, "world_size": self.world,
                  "global_batch": self.recipe.train.micro_batch_size * self.recipe.train.grad_accum * self.world}
         folder = checkpoint.save(self.student, self.paths.checkpoints, self.global_step, state, self.recipe_yaml,
-                                 self.inputs.manifest, self.recipe.train.keep_last)
+                                 self.inputs.manifest, self.recipe.train.keep_last, modules=self.module_manifest)
         self.log.message(f"checkpoint: {folder}")
         return folder
 
     def export(self) -> Path:
-        return checkpoint.export_hf(self.student, self.inputs.student_tokenizer, self.paths.export)
+        return checkpoint.export_hf(self.student, self.inputs.student_tokenizer, self.paths.export,
+                                    modules=self.module_manifest)
 
     def cleanup(self) -> None:
         if self.log is not None:

@@ -56,6 +56,19 @@ The method (:class:`ApproximateLikelihoodMatching`, ``loss: {kind: alm}``, pairi
   when asked, the student's CE on its labels (``fuses_ce``).
 - ``counts``: ``{"chunks": merged group count}`` of the micro-batch, from the teacher side alone; the
   engine sums it over micro-batches and ranks, so the loss is ``sum D / global merged chunks``.
+
+The hidden-state term (``latents: true``; tokenkit ``alm_latents``, off by default as there: its README
+found it helps only in self-distillation), with the reference's defaults (``last_hidden_state``,
+``naive`` chunks, ``l2_channelwise``): per (unmerged) chunk ``c`` the final hidden states at its last
+token on each side, ``t_c`` (teacher, ``d_t``) and ``s_c`` (student, ``d_s``), the student's through a
+trainable projector ``P`` (``d_s -> d_t``, Flax's default init, learning rate ``2 x train.lr`` as the
+reference's ``lr_scale: 2`` projector group):
+
+    latents = sum_c (1 / d_t) sum_k (P(s_c) - t_c)_k^2 / (mean_{c' in micro-batch} t_{c'k}^2 + 1e-8)
+
+divided by the global number of chunks (``latent_chunks``: pairs, unmerged). The channel scale is the
+teacher's mean square over the micro-batch's chunk ends (tokenkit: over its batch). The teacher side then
+also keeps its final hidden state at every labelled position (the offline cache too, in the model's dtype).
 """
 
 from __future__ import annotations
@@ -68,7 +81,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 
 from mlot_ds.fields import PositiveFloat, UnitInterval
-from mlot_ds.losses.method import LogitSource, Method, MethodContext, TeacherOutput, TeacherView
+from mlot_ds.losses.method import HIDDEN, LinearSpec, LogitSource, Method, MethodContext, TeacherOutput, TeacherView
 from mlot_ds.losses.rowstats import student_token_stats, teacher_token_stats
 from mlot_ds.pairing import IGNORE_INDEX
 from mlot_ds.pairing.boundary import boundary_token_mask
@@ -327,6 +340,33 @@ class AlmTeacher(NamedTuple):
     chunk: torch.Tensor
 
 
+class AlmLatentsTeacher(NamedTuple):
+    """:class:`AlmTeacher` plus the teacher's final hidden state ``hidden [B, N, d_t]`` at each labelled
+    position (``latents: true``)."""
+
+    log_prob: torch.Tensor
+    boundary: torch.Tensor
+    chunk: torch.Tensor
+    hidden: torch.Tensor
+
+
+LATENT_EPSILON = 1e-8
+"""Added to the teacher's per-channel mean square (tokenkit ``compute_alm_latents_loss``)."""
+
+
+def latent_term(projected: torch.Tensor, teacher: torch.Tensor, epsilon: float = LATENT_EPSILON) -> torch.Tensor:
+    """``sum_c mean_k (projected - teacher)_ck^2 / (mean_c teacher_ck^2 + epsilon)`` over the rows ``c``
+    (chunk ends) of ``projected, teacher [N, d]``; 0 (with a graph) when ``N = 0``."""
+    if projected.shape != teacher.shape:
+        raise ValueError(f"projected {tuple(projected.shape)} and teacher {tuple(teacher.shape)} hidden states differ")
+    dtype = torch.promote_types(projected.dtype, torch.float32)
+    if projected.shape[0] == 0:
+        return projected.to(dtype).sum() * 0.0
+    target = teacher.detach().to(dtype)
+    scale = target.square().mean(dim=0) + epsilon
+    return ((projected.to(dtype) - target).square() / scale).mean(dim=1).sum()
+
+
 @dataclass(frozen=True)
 class AlmParams:
     """ALM's hyper-parameters (``loss: {kind: alm, ...}``), defaulting to the reference code's
@@ -345,6 +385,10 @@ class AlmParams:
     """Merge consecutive chunks until a teacher boundary (tokenkit ``merge_by_space_prob``)."""
     append_boundary: bool = True
     """Add each group's boundary log-mass after its last token, on each side (tokenkit ``append_space``)."""
+    latents: bool = False
+    """Also match the chunk ends' final hidden states through a projector (tokenkit ``alm_latents``; off)."""
+    latents_lr_scale: PositiveFloat = 2.0
+    """The latent projector's learning rate relative to ``train.lr`` (tokenkit's projector ``lr_scale: 2``)."""
 
 
 def _side_mask(surfaces, vocab, side: str) -> torch.Tensor:
@@ -373,7 +417,7 @@ class ApproximateLikelihoodMatching(Method):
 
     name = "alm"
     Params = AlmParams
-    terms = ("alm",)
+    terms = ("alm", "latents")
     denominator = "chunks"
     pairings = ("offsets",)
     needs = frozenset({"groups", "surfaces"})
@@ -393,13 +437,40 @@ class ApproximateLikelihoodMatching(Method):
     def default_weights(cls, params) -> dict[str, float]:
         # tokenkit's hybrid objective [sft, alm_unconstrained] is mean(CE, ALM) = (CE + ALM) / 2 (each a
         # mean, per token and per chunk): ALM weighs as much as CE, i.e. 1 next to our ce_weight 1.
-        return {"alm": 1.0}
+        # With alm_latents the mean runs over three losses: the latents weigh as much as CE too.
+        return {"alm": 1.0, "latents": 1.0} if params.latents else {"alm": 1.0}
+
+    @classmethod
+    def needs_for(cls, params) -> frozenset[str]:
+        return cls.needs | {"dims"} if params.latents else cls.needs
 
     @classmethod
     def check(cls, params, context) -> None:
         if context is not None:
             _side_mask(context.student_surfaces, context.student_vocab, "student")
             _side_mask(context.teacher_surfaces, context.teacher_vocab, "teacher")
+            if params.latents and (context.student_dims is None or context.teacher_dims is None):
+                raise ValueError("latents: the projector needs both models' sizes (MethodContext.student_dims / "
+                                 "teacher_dims)")
+
+    # The hidden-state term (latents: true) and its projector; nothing without it.
+    def teacher_features(self) -> frozenset[str]:
+        return frozenset({HIDDEN}) if self.params.latents else frozenset()
+
+    def student_features(self) -> frozenset[str]:
+        return frozenset({HIDDEN}) if self.params.latents else frozenset()
+
+    def module_specs(self) -> dict[str, LinearSpec]:
+        if not self.params.latents:
+            return {}
+        student, teacher = self.context.student_dims, self.context.teacher_dims
+        if student is None or teacher is None:
+            raise ValueError("loss 'alm' with latents needs both models' sizes to build its projector")
+        return {"latents": LinearSpec(student.hidden, teacher.hidden, init="lecun_normal",
+                                      lr_scale=self.params.latents_lr_scale)}
+
+    def term_denominator(self, term: str) -> str:
+        return "latent_chunks" if term == "latents" else self.denominator
 
     def _mask(self, side: str, width: int, device: torch.device) -> torch.Tensor:
         mask = self._masks[side]
@@ -439,6 +510,12 @@ class ApproximateLikelihoodMatching(Method):
         index, mask = labelled_positions(labels)
         reduced = AlmTeacher(stats.log_prob.gather(1, index) * mask, stats.boundary_log_mass.gather(1, index) * mask,
                              self._teacher_chunks(view, index, mask))
+        if self.params.latents:
+            if HIDDEN not in (source.features or {}):
+                raise ValueError("loss 'alm' with latents needs the teacher's hidden states (LogitSource.features)")
+            hidden = source.features[HIDDEN]
+            picked = hidden.gather(1, index.unsqueeze(2).expand(-1, -1, hidden.shape[2])) * mask.unsqueeze(2)
+            reduced = AlmLatentsTeacher(*reduced, picked)
         gold_ce = None
         if gold:
             # The teacher's gold CE from the same pass: -sum of log p over its labelled tokens.
@@ -448,6 +525,8 @@ class ApproximateLikelihoodMatching(Method):
     def counts(self, reduced: AlmTeacher, view: TeacherView) -> dict[str, float]:
         count = alm_chunk_count(reduced.boundary, reduced.chunk, threshold=self.params.threshold,
                                 merge_by_boundary=self.params.merge_by_boundary)
+        if self.params.latents:
+            return {"chunks": float(count), "latent_chunks": float(view.pairing.mask.sum())}
         return {"chunks": float(count)}
 
     def student(self, logits, reduced: AlmTeacher, view: TeacherView, ce_labels=None) -> dict[str, torch.Tensor]:
@@ -473,28 +552,60 @@ class ApproximateLikelihoodMatching(Method):
                   epsilon=params.epsilon, merge_by_boundary=params.merge_by_boundary,
                   append_boundary=params.append_boundary)
         terms = {"alm": out["alm"]}
+        if params.latents:
+            terms["latents"] = self._latents(reduced, view, device)
         if ce_labels is not None:
             scored = ce_labels != IGNORE_INDEX
             scored[:, 0] = False
             terms["ce"] = -stats.log_prob[scored].sum()
         return terms
 
+    def _latents(self, reduced: AlmLatentsTeacher, view: TeacherView, device) -> torch.Tensor:
+        """The latents sum of one micro-batch: each pair's chunk end on both sides (student projected)."""
+        features = view.features or {}
+        if HIDDEN not in features or "latents" not in self.trainable:
+            raise ValueError("loss 'alm' with latents needs the student's hidden states (TeacherView.features) and "
+                             "its projector (attach_modules)")
+        student_stop, teacher_stop = (stop.to(device) for stop in self._stops(view))
+        pairs = view.pairing.mask.to(device)
+        hidden = features[HIDDEN]
+        # A chunk's last token sits at its exclusive end row (rows index .. stop - 1 predict it).
+        ends = hidden.gather(1, student_stop.clamp(max=hidden.shape[1] - 1).unsqueeze(2).expand(-1, -1, hidden.shape[2]))
+        projected = self.trainable["latents"](ends[pairs])  # every micro-batch, on every rank
+        index, mask = labelled_positions(view.teacher.labels.to(device))
+        column = torch.full(view.teacher.labels.shape, -1, dtype=torch.long, device=device)
+        column.scatter_(1, index, torch.where(mask, torch.arange(index.shape[1], device=device).expand_as(index), -1))
+        teacher_column = column.gather(1, teacher_stop.clamp(max=column.shape[1] - 1))
+        if bool((teacher_column[pairs] < 0).any()):
+            raise ValueError("a chunk's last teacher token is not labelled: the pairing and the labels disagree")
+        teacher_hidden = reduced.hidden.to(device)
+        picked = teacher_hidden.gather(1, teacher_column.clamp(min=0).unsqueeze(2).expand(-1, -1, teacher_hidden.shape[2]))
+        return latent_term(projected, picked[pairs])
+
     # The offline cache: two float32 numbers per labelled teacher position (exactly what teacher()
-    # keeps), so a cached teacher gives the live loss up to the teacher forward's own rounding.
+    # keeps), so a cached teacher gives the live loss up to the teacher forward's own rounding; with
+    # latents also the final hidden state there, in the model's dtype.
     def cache_settings(self) -> dict:
         # The stored numbers do not depend on the loss's parameters, only on the teacher's boundary set.
         mask = self._masks["teacher"]
         if mask is None:
             raise ValueError("loss 'alm' needs the teacher tokenizer's token surfaces to describe its cache")
-        return {"kind": self.name, "boundary_mask": hashlib.sha256(mask.numpy().tobytes()).hexdigest()[:16]}
+        settings = {"kind": self.name, "boundary_mask": hashlib.sha256(mask.numpy().tobytes()).hexdigest()[:16]}
+        return {**settings, "latents": True} if self.params.latents else settings
 
     def cache_rows(self, view: TeacherView) -> tuple[torch.Tensor, torch.Tensor]:
         return labelled_positions(view.teacher.labels)
 
     def to_cache(self, reduced: AlmTeacher, view: TeacherView):
-        return {}, {"log_prob": reduced.log_prob.float(), "boundary": reduced.boundary.float()}
+        rows = {"log_prob": reduced.log_prob.float(), "boundary": reduced.boundary.float()}
+        if self.params.latents:
+            rows["hidden"] = reduced.hidden
+        return {}, rows
 
     def from_cache(self, records, rows, view: TeacherView) -> AlmTeacher:
         index, mask = labelled_positions(view.teacher.labels.to(rows["log_prob"].device))
-        return AlmTeacher(rows["log_prob"].float() * mask, rows["boundary"].float() * mask,
-                          self._teacher_chunks(view, index, mask))
+        reduced = AlmTeacher(rows["log_prob"].float() * mask, rows["boundary"].float() * mask,
+                             self._teacher_chunks(view, index, mask))
+        if self.params.latents:
+            return AlmLatentsTeacher(*reduced, rows["hidden"] * mask.unsqueeze(2))
+        return reduced

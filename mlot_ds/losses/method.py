@@ -15,9 +15,11 @@ What a class declares:
 - ``name``: the recipe's ``loss.kind``; ``Params``: a frozen dataclass of its typed
   hyper-parameters with the paper's defaults (the recipe validates ``loss.<param>`` against it);
   ``terms`` and ``default_weights(params)``: its loss terms and their multipliers (the recipe's
-  ``loss.weights`` replaces them one by one); ``denominator``: the count key its sums are divided by.
+  ``loss.weights`` replaces them one by one); ``denominator``: the count key its sums are divided by
+  (``term_denominator(term)`` may name another count for one term).
 - ``pairings``: the pairing rules it works with (``None`` = any); ``needs``: the extra alignment
-  views it reads (``"groups"``, ``"overlaps"``); ``cacheable``: whether its teacher side can be
+  views it reads (``"groups"``, ``"overlaps"``), the token surfaces (``"surfaces"``) and the two
+  models' sizes (``"dims"``, in the :class:`MethodContext`); ``cacheable``: whether its teacher side can be
   stored per record by ``tools/cache_teachers.py``; ``fuses_ce``: whether :meth:`student` can also
   return the student's CE sum from the same pass over the logits.
 - ``teacher(source, view, gold)``: what the loss keeps of the teacher's logits (never the
@@ -27,14 +29,32 @@ What a class declares:
 - ``cache_rows(view)``, ``to_cache(reduced, view)``, ``from_cache(records, rows, view)`` and
   ``cache_settings()``: the offline cache's per-record and per-row arrays and binding.
 
+Optional, for methods that align hidden states through small trainable modules (all empty by default,
+and then the engine changes nothing):
+
+- ``teacher_features()`` / ``student_features()``: what the engine captures beside the logits, by
+  forward hooks on the named modules (:data:`FEATURES`): the final hidden states, the input embeddings,
+  one layer's output, one layer's head-averaged attention, the output layer's weight. The teacher's
+  reach :meth:`teacher` as ``LogitSource.features``; the student's reach :meth:`student` as
+  ``TeacherView.features`` (captured during the student's own forward, with their gradients).
+  The teacher's output-layer weight is frozen and handed over once by :meth:`bind_teacher_constants`
+  as a :class:`FrozenWeight`, read inside ``with weight.gathered() as w`` (under ZeRO-3 an all-gather
+  there and a release after it: every rank, same order; stored once in the offline cache).
+- ``module_specs()``: the trainable linear maps it needs (:class:`LinearSpec`: sizes from
+  ``MethodContext.student_dims`` / ``teacher_dims``, initialisation, learning rate). The engine builds
+  them inside the student's DeepSpeed engine (ZeRO-3 partitioned, their own optimizer group, saved in
+  its checkpoints, left out of the exported student) and hands them over by :meth:`attach_modules`;
+  :meth:`student` calls them (every micro-batch, on every rank, each module once, in a fixed order).
+
 Nothing here imports DeepSpeed, transformers, logging or the recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +66,29 @@ from mlot_ds.losses.head import (
     rows_logits,
 )
 from mlot_ds.pairing import ModelBatch, Pairing
+
+EMBEDDINGS = "embeddings"
+"""Feature: the input embedding layer's output ``[B, T, E]`` (the token embeddings, before any scaling
+or positions the model adds); the embedding of the next token at row ``t`` is the one at ``t + 1``."""
+HIDDEN = "hidden"
+"""Feature: the final hidden states ``[B, T, H]``, the output layer's input."""
+OUTPUT_WEIGHT = "output_weight"
+"""Feature: the output layer's weight ``[V, H]``: the student's as a detached copy made in each forward; the
+teacher's as a :class:`FrozenWeight` handed over once (:meth:`Method.bind_teacher_constants`)."""
+
+
+def layer_output(layer: int) -> str:
+    """Feature: decoder layer ``layer``'s output hidden states ``[B, T, H]`` (negative counts from the end)."""
+    return f"layer@{int(layer)}"
+
+
+def attention(layer: int) -> str:
+    """Feature: decoder layer ``layer``'s attention, averaged over heads, ``[B, T, T]`` float32
+    (row ``t``: how position ``t`` attends to every position; padding columns 0)."""
+    return f"attention@{int(layer)}"
+
+
+FEATURES = (EMBEDDINGS, HIDDEN, OUTPUT_WEIGHT, "layer@<L>", "attention@<L>")
 
 
 class TeacherView(NamedTuple):
@@ -67,6 +110,9 @@ class TeacherView(NamedTuple):
     teacher: ModelBatch
     groups: tuple[torch.Tensor, torch.Tensor] | None = None
     overlaps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    features: dict[str, torch.Tensor] | None = None
+    """At :meth:`Method.student` time: the student's features of this micro-batch (``student_features``),
+    captured during its forward, with their gradients; ``None`` when the method asks for none."""
 
 
 class TeacherOutput(NamedTuple):
@@ -89,6 +135,8 @@ class LogitSource:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     head_chunk_elements: int | None = None
+    features: dict[str, torch.Tensor] | None = None
+    """The teacher's features of this forward that the method asked for (``teacher_features``)."""
 
     def __post_init__(self):
         if (self.logits is None) == (self.hidden is None):
@@ -137,6 +185,64 @@ class NoParams:
     """A method without hyper-parameters."""
 
 
+class FrozenWeight:
+    """A frozen teacher's output-layer weight ``[V, H]``, read on demand: ``with weight.gathered() as w``.
+
+    This one holds the tensor (a replicated teacher, or the offline cache's copy); the engine's
+    ZeRO-3 teachers gather their partitions inside the block and release them after it, so the
+    weight is whole only while a method uses it.
+    """
+
+    def __init__(self, tensor: torch.Tensor | None = None):
+        self.tensor = tensor
+
+    @contextmanager
+    def gathered(self):
+        yield self.tensor
+
+
+class ModelDims(NamedTuple):
+    """One model's sizes, read from its modules (not from config names, which differ per architecture).
+
+    Attributes:
+        hidden: the output layer's input size (the final hidden state).
+        embedding: the input embedding's size.
+        vocab: the output layer's rows.
+        layers: the number of decoder layers.
+    """
+
+    hidden: int
+    embedding: int
+    vocab: int
+    layers: int
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """A trainable linear map ``y = x W^T + b`` a method declares (``W [out, in]``).
+
+    Attributes:
+        in_features, out_features: its sizes (from the two models' :class:`ModelDims`).
+        bias: with a bias.
+        init: ``uniform``: PyTorch's ``nn.Linear`` default, ``W, b ~ U(-1/sqrt(in), 1/sqrt(in))``;
+            ``lecun_normal``: Flax's ``Dense`` default, ``W ~ N(0, 1/in)`` truncated at 2 standard
+            deviations (rescaled to keep the variance), ``b = 0``.
+        lr: its learning rate (``None``: ``lr_scale * train.lr``); it follows the student's schedule,
+            scaled by ``lr / train.lr``.
+        lr_scale: used when ``lr`` is ``None``.
+    """
+
+    in_features: int
+    out_features: int
+    bias: bool = True
+    init: Literal["uniform", "lecun_normal"] = "uniform"
+    lr: float | None = None
+    lr_scale: float = 1.0
+
+    def learning_rate(self, base_lr: float) -> float:
+        return float(self.lr) if self.lr is not None else float(self.lr_scale) * float(base_lr)
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """What a method may need beyond tensors, fixed for a run (built by the engine).
@@ -148,6 +254,7 @@ class MethodContext:
             compare token strings or need word-boundary masks.
         student_vocab, teacher_vocab: the models' output sizes (embedding rows).
         same_tokenizer: both sides use one tokenizer (fingerprints equal).
+        student_dims, teacher_dims: the models' sizes (:class:`ModelDims`) when ``"dims" in needs``.
     """
 
     student_to_teacher: torch.Tensor | None = None
@@ -156,6 +263,8 @@ class MethodContext:
     student_vocab: int | None = None
     teacher_vocab: int | None = None
     same_tokenizer: bool = False
+    student_dims: ModelDims | None = None
+    teacher_dims: ModelDims | None = None
 
 
 class Method:
@@ -176,10 +285,17 @@ class Method:
         self.context = context
         self.term_weights = dict(self.default_weights(self.params))
         self.term_weights.update({term: float(value) for term, value in (weights or {}).items()})
+        self.trainable: dict[str, torch.nn.Module] = {}
+        self.teacher_constants: dict[str, FrozenWeight] = {}
 
     @classmethod
     def default_weights(cls, params) -> dict[str, float]:
         return {term: 1.0 for term in cls.terms}
+
+    @classmethod
+    def needs_for(cls, params) -> frozenset[str]:
+        """``needs`` with these hyper-parameters (a method may need more when an option is on)."""
+        return cls.needs
 
     @classmethod
     def check(cls, params, context: MethodContext) -> None:
@@ -199,6 +315,31 @@ class Method:
 
     def student(self, logits: torch.Tensor, reduced, view: TeacherView, ce_labels=None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def term_denominator(self, term: str) -> str:
+        """The count key ``term`` is divided by (``denominator`` unless a method says otherwise)."""
+        return self.denominator
+
+    # Hidden states and trainable modules (empty by default: the engine then adds nothing).
+    def teacher_features(self) -> frozenset[str]:
+        """The teacher features :meth:`teacher` reads from ``source.features`` (see :data:`FEATURES`)."""
+        return frozenset()
+
+    def student_features(self) -> frozenset[str]:
+        """The student features :meth:`student` reads from ``view.features``."""
+        return frozenset()
+
+    def module_specs(self) -> dict[str, LinearSpec]:
+        """The trainable modules this method needs, by name (built once per run by the engine)."""
+        return {}
+
+    def attach_modules(self, modules) -> None:
+        """The engine's modules of :meth:`module_specs` (``name -> nn.Module``), before the first step."""
+        self.trainable = dict(modules)
+
+    def bind_teacher_constants(self, constants: dict[str, FrozenWeight]) -> None:
+        """The frozen teacher's run constants (``output_weight``: a :class:`FrozenWeight`), once per run."""
+        self.teacher_constants = dict(constants)
 
     # The offline cache calls these.
     def cache_settings(self) -> dict:
@@ -241,5 +382,6 @@ def gather_rows(source: LogitSource, index: torch.Tensor, columns: torch.Tensor 
     return rows_logits(source.hidden, source.weight, source.bias, index, columns)
 
 
-__all__ = ["LogitSource", "Method", "MethodContext", "NoParams", "TeacherOutput", "TeacherView",
-           "compact_pairing", "gather_rows", "gold_if"]
+__all__ = ["EMBEDDINGS", "FEATURES", "FrozenWeight", "HIDDEN", "LinearSpec", "LogitSource", "Method", "MethodContext",
+           "ModelDims", "NoParams", "OUTPUT_WEIGHT", "TeacherOutput", "TeacherView", "attention", "compact_pairing",
+           "gather_rows", "gold_if", "layer_output"]

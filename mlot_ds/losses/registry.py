@@ -11,6 +11,8 @@ from typing import Mapping
 
 from mlot_ds.losses.alm import ApproximateLikelihoodMatching
 from mlot_ds.losses.cdm import ContextualDynamicMapping
+from mlot_ds.losses.dskd import DualSpaceKD
+from mlot_ds.losses.emo import IntraModelRelationOT
 from mlot_ds.losses.kl import SameTokenizerKL
 from mlot_ds.losses.method import Method
 from mlot_ds.losses.mined import MinimumEditDistance
@@ -28,6 +30,8 @@ METHODS: Mapping[str, type[Method]] = MappingProxyType({cls.name: cls for cls in
     SameTokenizerKL,
     VocAgnoLM,
     ContextualDynamicMapping,
+    DualSpaceKD,
+    IntraModelRelationOT,
 )})
 
 

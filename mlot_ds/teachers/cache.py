@@ -17,6 +17,11 @@ the method stores (:meth:`~mlot_ds.losses.method.Method.to_cache`): ``record.<na
 rows for the likelihood methods), in row-major order. What each method stores, and how exact it is,
 is in its class (e.g. MultiLevelOT: the ranked ids per record and ``t^k`` per pair in bf16).
 
+A method whose student side needs a run constant of the teacher (the output layer's weight, for
+DSKD's teacher-space term) also gets ``constants.safetensors``: those tensors, in the model's dtype,
+written once by rank 0 and handed back on opening (``Method.bind_teacher_constants``). Caches of
+every other method have no such file.
+
 Files are read through ``safetensors.safe_open`` (memory-mapped): only the records of a
 micro-batch are copied out. Methods whose teacher side spans the whole batch (``official``)
 have no per-record cache.
@@ -39,11 +44,12 @@ from mlot_ds import dist
 from mlot_ds.config import Recipe, RecipeError
 from mlot_ds.data.encode import ENCODE_FORMAT_VERSION, PAIRS_FORMAT_VERSION
 from mlot_ds.data.sources import resolve_data_path
-from mlot_ds.losses.method import TeacherOutput
+from mlot_ds.losses.method import OUTPUT_WEIGHT, FrozenWeight, TeacherOutput
 from mlot_ds.pairing.surface import tokenizer_fingerprint
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+CONSTANTS = "constants.safetensors"
 RECORD_PREFIX, ROW_PREFIX = "record.", "row."
 BINDING_KEYS = ("checkpoint", "tokenizer", "template", "data", "pairing", "loss")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -256,7 +262,35 @@ def open_caches(recipe: Recipe, inputs, methods: dict) -> dict[str, TeacherCache
         caches[teacher.name] = TeacherCache.open(
             recipe.paths().teacher_caches[teacher.name], expected, where, inputs.data.num_records
         )
+        bind_cached_constants(caches[teacher.name].folder, methods[teacher.name], where)
     return caches
+
+
+def write_constants(folder: Path, constants: dict[str, torch.Tensor]) -> None:
+    """Rank 0: the teacher's run constants, atomically (nothing is written when there are none)."""
+    if not constants:
+        return
+    temporary = folder / (CONSTANTS + ".tmp")
+    save_file({name: value.detach().cpu().contiguous() for name, value in constants.items()}, str(temporary),
+              metadata={"format": str(FORMAT_VERSION)})
+    os.replace(temporary, folder / CONSTANTS)
+
+
+def bind_cached_constants(folder: Path, method, where: str) -> None:
+    """Give ``method`` the run constants its teacher features name, from the cache's constants file."""
+    if OUTPUT_WEIGHT not in method.teacher_features():
+        return
+    path = folder / CONSTANTS
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            constants = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise TeacherCacheError(f"{where}: {path} is missing or damaged ({str(exc).splitlines()[0]}); rebuild the "
+                                f"cache with tools/cache_teachers.py --overwrite") from None
+    if OUTPUT_WEIGHT not in constants:
+        raise TeacherCacheError(f"{where}: {path} has no {OUTPUT_WEIGHT}; rebuild the cache with tools/cache_teachers.py "
+                                f"--overwrite")
+    method.bind_teacher_constants({OUTPUT_WEIGHT: FrozenWeight(constants[OUTPUT_WEIGHT])})
 
 
 # ------------------------------------------------------------------------------------ building
@@ -354,7 +388,7 @@ def _read_manifest(path: Path) -> dict | None:
 def _is_cache_file(name: str) -> bool:
     """The files a cache build writes: its manifest and its chunks (complete or in progress)."""
     return (
-        name in (MANIFEST, MANIFEST + ".tmp")
+        name in (MANIFEST, MANIFEST + ".tmp", CONSTANTS, CONSTANTS + ".tmp")
         or (name.startswith("chunk-") and name.endswith(".safetensors"))
         or (name.startswith(".chunk-") and name.endswith(".tmp"))
     )

@@ -20,6 +20,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from mlot_ds.errors import BadInput
+from mlot_ds.teachers.features import FeatureError, model_dims
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -165,3 +166,17 @@ def embedding_rows(path: str | Path) -> int:
         raise ModelLoadError(f"{path}/config.json: not a readable model config ({str(exc).splitlines()[0]})") from None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.vocab_size)
+
+
+def model_dims_of_folder(path: str | Path, *, trust_remote_code: bool = False, where: str = "model"):
+    """The :class:`~mlot_ds.losses.method.ModelDims` of a model folder, from its modules built on the
+    meta device (no weights are read, nothing is allocated)."""
+    try:
+        config = AutoConfig.from_pretrained(Path(path), local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return model_dims(model)
+    except FeatureError as exc:
+        raise ModelLoadError(f"{where}: {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{where}: {path}: cannot read the model's sizes ({str(exc).splitlines()[0]})") from None
