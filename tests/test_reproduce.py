@@ -198,3 +198,8 @@ def test_real_teacher_differences_take_the_sft_run_of_the_same_seed_and_variant(
     assert found["kl"][0] == pytest.approx(-0.15) and found["kl"][2] == 2
     assert found["mlot-default"][0] == pytest.approx(0.025)
     assert found["mlot-default+lr=0.0003"] == (pytest.approx(-0.1), None, 1)
+    # Shares: mlot-default lost 0.025 against a KL gain of 0.15; the lr variant has no KL run of its own.
+    assert tool.share_of_kl_gain("mlot-default", found["mlot-default"], found) == "-17%"
+    assert tool.share_of_kl_gain("mlot-default+lr=0.0003", found["mlot-default+lr=0.0003"], found) == "n/a"
+    flat = {"kl": (-0.004, None, 1), "uld": (0.03, None, 1)}
+    assert tool.share_of_kl_gain("uld", flat["uld"], flat) == "n/a (KL gain +0.004)"

@@ -110,7 +110,13 @@ def wait_completed(cluster, job_id: str, out: Path, **kwargs) -> dict:
     try:
         return cluster.wait_for_state(job_id, {"COMPLETED"}, timeout=JOB_TIMEOUT_S, **kwargs)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n--- job log\n{job_log(out, job_id)[-5000:]}") from None
+        raise AssertionError(f"{exc}\n--- job log, progress bars left out\n{log_without_progress(out, job_id)[-6000:]}") from None
+
+
+def log_without_progress(out: Path, job_id: str) -> str:
+    """The job log without tqdm's lines, so that a failure shows what the ranks printed at the end."""
+    lines = job_log(out, job_id).replace("\r", "\n").splitlines()
+    return "\n".join(line for line in lines if not re.match(r"\s*(train|eval|generate)\S*:\s+\d+%", line))
 
 
 @pytest.fixture(scope="module")

@@ -411,6 +411,21 @@ def same_seed_differences(rows, setting: str, metric: str = BPB) -> dict[str, tu
     return out
 
 
+MIN_KL_GAIN = 0.01
+"""Bits per byte: below this, same-tokenizer KD gained nothing measurable at this scale and a share of it means nothing."""
+
+
+def share_of_kl_gain(key: str, difference, smol_differences: dict) -> str:
+    """``(SFT - method) / (SFT - KL)`` for ``key``, against the KL run of the same lr/steps variant."""
+    kl_key = "+".join(["kl", *planned(key).baseline.split("+")[1:]])
+    if difference is None or kl_key not in smol_differences:
+        return "n/a"
+    gain = -smol_differences[kl_key][0]
+    if gain < MIN_KL_GAIN:
+        return f"n/a (KL gain {gain:+.3f})"
+    return f"{-difference[0] / gain:+.0%}"
+
+
 def write_report(args, rows, plan, started, load_before, *, partial: bool) -> list[Path]:
     from reproduce_report import summarise
 
@@ -454,18 +469,13 @@ def markdown(run: dict, summary: dict) -> str:
         if setting == "reference":
             lines.append(f"| {method} | {_cell(stats, BPB, 3)} | {_cell(stats, ROUGE, 2)} |")
     for setting_name in ("labeled", "unlabeled"):
-        kl_gain = {}
-        for student in ("smol", "wide"):
-            differences = same_seed_differences(rows, f"{student}-{setting_name}")
-            if student == "smol" and "kl" in differences:
-                kl_gain[setting_name] = -differences["kl"][0]
+        smol_differences = same_seed_differences(rows, f"smol-{setting_name}")
         for student in STUDENTS:
             setting = f"{student}-{setting_name}"
             entries = [(key, stats) for (s, key), stats in summary.items() if s == setting]
             if not entries:
                 continue
             differences = same_seed_differences(rows, setting)
-            gain = kl_gain.get(setting_name)
             lines += ["", f"## {setting_name.capitalize()}, student-{student}", "",
                       "| method | runs | bits per byte | ROUGE-LSum | bpb - SFT (same seed) | share of the KL gain |",
                       "|---|---|---|---|---|---|"]
@@ -475,10 +485,12 @@ def markdown(run: dict, summary: dict) -> str:
                 difference = differences.get(key)
                 diff = "n/a" if difference is None else f"{difference[0]:+.4f}" + (
                     f" ± {difference[1]:.4f}" if difference[1] is not None else "")
-                share = "n/a" if difference is None or not gain else f"{-difference[0] / gain:+.0%}"
+                share = share_of_kl_gain(key, difference, smol_differences)
                 runs = f"{stats['runs']}" + (f" ({stats['failed']} failed)" if stats["failed"] else "")
                 lines.append(f"| {label} | {runs} | {_cell(stats, BPB, 3)} | {_cell(stats, ROUGE, 2)} | {diff} | {share} |")
     lines += ["", "The share is `(SFT - method) / (SFT - KL)` on same-seed bits-per-byte differences, with the KL gain of "
-              "student-smol in the same setting (the gain available through the teacher's own tokenizer); it compares "
-              "students of one size trained the same way, on bits per byte, which does not depend on the tokenizer.", ""]
+              "student-smol in the same setting and with the same lr/steps (the gain available through the teacher's own "
+              "tokenizer); it compares students trained the same way, on bits per byte, which does not depend on the "
+              f"tokenizer. It is n/a where that KL gain is below {MIN_KL_GAIN} bits per byte: there is no upper bound to "
+              "take a share of. The wide and core students' shares use student-smol's KL gain.", ""]
     return "\n".join(line for line in lines if line is not None) + "\n"
