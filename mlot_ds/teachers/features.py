@@ -157,6 +157,7 @@ class _AttentionTap:
     """Wraps the model's attention function while active; collects the chosen layers' head means."""
 
     def __init__(self, config, targets: dict[int, str], values: dict):
+        # transformers' attention registry is needed only when a method asks for an attention map.
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         self.registry = ALL_ATTENTION_FUNCTIONS
