@@ -112,8 +112,10 @@ class Trainer:
         self.methods = self.inputs.methods
         self.module_manifest = trainable.module_manifest(self.methods)
         # Per teacher, the student features its method reads (captured during the student's forward).
-        self.student_features = {name: m.student_features() for name, m in self.methods.items() if m.student_features()}
-        inside_layers = sorted({f for fs in self.student_features.values() for f in fs if "@" in f})
+        self.student_features = {name: wanted for name, m in self.methods.items() if (wanted := m.student_features())}
+        # Every feature any method reads from the student, captured in its one forward (empty: no hooks).
+        self.student_feature_names = frozenset().union(*self.student_features.values())
+        inside_layers = sorted(f for f in self.student_feature_names if "@" in f)
         if inside_layers and recipe.student.gradient_checkpointing:
             # A checkpointed layer's forward is recomputed in the backward: what a hook keeps from inside
             # it would not carry the layer's gradient.
@@ -263,15 +265,10 @@ class Trainer:
     def student_loss(self, batch, passes, counts, weights, totals) -> tuple[torch.Tensor, torch.Tensor]:
         """``ce_weight * CE / tokens + sum_j w_j * KD_j`` for one micro-batch, and the student's logits."""
         student = batch.student
-        features = None
-        if self.student_features:
-            with FeatureCapture(self.student, frozenset().union(*self.student_features.values())) as capture:
-                logits = self.student(input_ids=student.input_ids, attention_mask=student.attention_mask,
-                                      use_cache=False).logits
-            features = check_captured(capture, "student")
-        else:
+        with FeatureCapture(self.student, self.student_feature_names) as capture:
             logits = self.student(input_ids=student.input_ids, attention_mask=student.attention_mask,
                                   use_cache=False).logits
+        features = check_captured(capture, "student") if self.student_feature_names else None
         ce_sum = None if self.fused_ce else losses.masked_ce(logits, student.labels)["ce"]
         loss = torch.zeros((), device=logits.device)
         for teacher in self.teachers:
@@ -282,14 +279,14 @@ class Trainer:
             terms = method.student(logits, reduced, view, ce_labels=student.labels if name == self.fused_ce else None)
             if name == self.fused_ce:
                 ce_sum = terms.pop("ce")
-            keys = {method.term_denominator(t) for t in terms}
-            if len(keys) <= 1:
-                denominator = max(counts[f"{name}/{keys.pop() if keys else method.denominator}"], 1)
-                kd = sum(method.term_weights[t] * value for t, value in terms.items()) / denominator
-                divisors = dict.fromkeys(terms, denominator)
-            else:  # a term with a count of its own (e.g. ALM's latents: unmerged chunks)
-                divisors = {t: max(counts[f"{name}/{method.term_denominator(t)}"], 1) for t in terms}
-                kd = sum(method.term_weights[t] * value / divisors[t] for t, value in terms.items())
+            # Terms are summed per denominator, then divided once: most methods have one count for all
+            # their terms; a term may have its own (e.g. ALM's latents: unmerged chunks).
+            groups: dict[str, list[str]] = defaultdict(list)
+            for term in terms:
+                groups[method.term_denominator(term)].append(term)
+            divisors = {t: max(counts[f"{name}/{key}"], 1) for key, members in groups.items() for t in members}
+            kd = sum(sum(method.term_weights[t] * terms[t] for t in members) / divisors[members[0]]
+                     for members in groups.values())
             loss = loss + weights[name] * kd
             totals[f"teacher/{name}/kd"] += kd.detach().float()
             for term, value in terms.items():
